@@ -39,7 +39,7 @@ def nvidia_wheel_includes() -> list[str]:
 
 def extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3"]
     if not want_cuda():
         return cpp_extension.CppExtension(
             "vitos_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True

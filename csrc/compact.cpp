@@ -2,8 +2,9 @@
 //
 // compact_tokens keeps the rows of a packed batch where `keep` is set, in order, gathers their original position
 // ids, recomputes cu_seqlens, and optionally fuses dropped rows into kept rows (mean, summed in float32 in
-// increasing source-row order so that every backend gives bitwise identical results). Besides the public outputs
+// increasing source-row order (float64 for float64 input) so that every backend gives bitwise identical results). Besides the public outputs
 // it returns the per-input-row destination and per-output-row fusion counts, from which the backward is one gather.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -135,19 +136,23 @@ void plan_fusion(const int64_t* fuse, const bool* keep, const int32_t* cu, int64
   }
 }
 
+// float32 sums for 16/32-bit inputs, float64 for float64 inputs.
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
 template <typename scalar_t>
 void fused_mean_rows(const scalar_t* x, scalar_t* out, int64_t dim, const std::vector<int64_t>& kept_index,
                      const std::vector<int64_t>& offsets, const std::vector<int64_t>& sources) {
   at::parallel_for(0, static_cast<int64_t>(kept_index.size()), 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(dim);
+    std::vector<acc_t<scalar_t>> acc(dim);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = x + kept_index[r] * dim;
-      for (int64_t d = 0; d < dim; ++d) acc[d] = static_cast<float>(row[d]);
+      for (int64_t d = 0; d < dim; ++d) acc[d] = static_cast<acc_t<scalar_t>>(row[d]);
       for (int64_t s = offsets[r]; s < offsets[r + 1]; ++s) {
         const scalar_t* src = x + sources[s] * dim;
-        for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<float>(src[d]);
+        for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<acc_t<scalar_t>>(src[d]);
       }
-      const float n = static_cast<float>(1 + offsets[r + 1] - offsets[r]);
+      const auto n = static_cast<acc_t<scalar_t>>(1 + offsets[r + 1] - offsets[r]);
       for (int64_t d = 0; d < dim; ++d) out[r * dim + d] = static_cast<scalar_t>(acc[d] / n);
     }
   });
@@ -221,8 +226,10 @@ void scatter_grad(const scalar_t* g, scalar_t* out, const int64_t* dest, const i
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = dest[t];
       if (r < 0) continue;  // discarded row: zero gradient (out is zero-initialised)
-      const float n = count ? static_cast<float>(1 + count[r]) : 1.0f;
-      for (int64_t d = 0; d < dim; ++d) out[t * dim + d] = static_cast<scalar_t>(static_cast<float>(g[r * dim + d]) / n);
+      const auto n = static_cast<acc_t<scalar_t>>(count ? 1 + count[r] : 1);
+      for (int64_t d = 0; d < dim; ++d) {
+        out[t * dim + d] = static_cast<scalar_t>(static_cast<acc_t<scalar_t>>(g[r * dim + d]) / n);
+      }
     }
   });
 }

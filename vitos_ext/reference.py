@@ -98,14 +98,16 @@ def compact_tokens_reference(
 
 
 def _fuse_reference(hidden, keep, fuse_into, kept_index):
-    """Mean of each kept row with the dropped rows fused into it, summed in float32 in increasing source order."""
+    """Mean of each kept row with the dropped rows fused into it, summed in float32 (float64 for float64 input) in
+    increasing source order."""
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     out_row_of = torch.full((hidden.shape[0],), -1, dtype=torch.int64, device=hidden.device)
     out_row_of[kept_index] = torch.arange(kept_index.numel(), device=hidden.device)
     sources = ((~keep) & (fuse_into >= 0)).nonzero().flatten()
     targets = out_row_of[fuse_into[sources]]
-    acc = hidden[kept_index].float()
+    acc = hidden[kept_index].to(acc_dtype)
     # index_add_ on CPU adds sources one at a time in increasing order: the summation order the kernels use.
-    acc = acc.cpu().index_add(0, targets.cpu(), hidden[sources].float().cpu()).to(hidden.device)
-    count = torch.ones(kept_index.numel(), dtype=torch.float32, device=hidden.device)
-    count.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float32))
+    acc = acc.cpu().index_add(0, targets.cpu(), hidden[sources].to(acc_dtype).cpu()).to(hidden.device)
+    count = torch.ones(kept_index.numel(), dtype=acc_dtype, device=hidden.device)
+    count.index_add_(0, targets, torch.ones_like(targets, dtype=acc_dtype))
     return (acc / count[:, None]).to(hidden.dtype)

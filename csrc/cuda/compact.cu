@@ -4,8 +4,9 @@
 // fusion counts, error bits, kept count and max length in a 4-word summary), one read-back of that summary (the
 // only host sync; none with out_capacity, where errors trip device assertions instead), then one gather kernel:
 // a warp per output row, 16-byte accesses, positions and padding rows written in the same pass. With fusion, the
-// fused sources of each output row are ordered by a stable sort, so the float32 sum runs in increasing source
+// fused sources of each output row are ordered by a stable sort, so the float32 (float64) sum runs in increasing source
 // order: bitwise deterministic and equal to the CPU kernel.
+#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -121,6 +122,7 @@ struct GatherArgs {
 template <typename scalar_t, int VEC>
 __global__ void gather_kernel(GatherArgs<scalar_t, VEC> a) {
   using P = Pack<scalar_t, VEC>;
+  using acc_t = at::opmath_type<scalar_t>;  // float32 sums (float64 for float64 input)
   const int lane = threadIdx.x % 32;
   const int64_t packs = a.dim / VEC;
   const int64_t kept = a.summary[kKept];
@@ -145,14 +147,14 @@ __global__ void gather_kernel(GatherArgs<scalar_t, VEC> a) {
       continue;
     }
     const int64_t first = a.fuse_start[r] - fused;
-    const float count = static_cast<float>(1 + fused);
+    const acc_t count = static_cast<acc_t>(1 + fused);
     for (int64_t p = lane; p < packs; p += 32) {
-      float acc[VEC];
+      acc_t acc[VEC];
       const P self = row[p];
-      for (int e = 0; e < VEC; ++e) acc[e] = static_cast<float>(self.v[e]);
+      for (int e = 0; e < VEC; ++e) acc[e] = static_cast<acc_t>(self.v[e]);
       for (int64_t s = first; s < first + fused; ++s) {  // increasing source row: a fixed summation order
         const P other = reinterpret_cast<const P*>(a.x + a.fuse_source[s] * a.dim)[p];
-        for (int e = 0; e < VEC; ++e) acc[e] += static_cast<float>(other.v[e]);
+        for (int e = 0; e < VEC; ++e) acc[e] += static_cast<acc_t>(other.v[e]);
       }
       P v;
       for (int e = 0; e < VEC; ++e) v.v[e] = static_cast<scalar_t>(acc[e] / count);
@@ -288,9 +290,10 @@ __global__ void scatter_grad_kernel(const scalar_t* __restrict__ grad_out, const
       for (int64_t d = lane; d < dim; d += 32) g[d] = scalar_t(0);
       continue;
     }
-    const float n = count ? static_cast<float>(1 + count[r]) : 1.0f;
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t n = static_cast<acc_t>(count ? 1 + count[r] : 1);
     const scalar_t* src = grad_out + r * dim;
-    for (int64_t d = lane; d < dim; d += 32) g[d] = static_cast<scalar_t>(static_cast<float>(src[d]) / n);
+    for (int64_t d = lane; d < dim; d += 32) g[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) / n);
   }
 }
 

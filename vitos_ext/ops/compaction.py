@@ -26,7 +26,8 @@ def compact_tokens(
         position_ids: int64 [P, T] (P = 3 for M-RoPE, 1 for 1-D positions, any P). Gathered, never renumbered.
         fuse_into: int64 [T] or None. For a dropped row j: -1 discards it, k >= 0 fuses it into the kept row k of
             the same sequence: output row of k = (x[k] + sum of the x[j] fused into k) / (1 + their count), summed in
-            float32 in increasing j (bitwise deterministic), cast to hidden.dtype. Ignored at kept rows.
+            float32 (float64 for float64 input) in increasing j (bitwise deterministic), cast to hidden.dtype.
+            Ignored at kept rows.
         out_capacity: if given, the outputs have exactly this many rows and nothing is read back to the host (no
             device sync): rows past the true count T' = cu_seqlens_out[-1] are padding (hidden 0, position ids 0,
             kept_index -1) and max_seqlen is the upper bound min(out_capacity, T). More than out_capacity kept rows
@@ -47,7 +48,7 @@ def compact_tokens(
 
 def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("vitos::compact_tokens")
-    def _(hidden, keep, cu_seqlens, position_ids, fuse_into, out_capacity):
+    def _(hidden, keep, cu_seqlens, position_ids, fuse_into=None, out_capacity=None):
         torch._check(hidden.dim() == 2, lambda: "hidden must be 2-D")
         torch._check(position_ids.dim() == 2, lambda: "position_ids must be 2-D")
         ctx = torch.library.get_ctx()

@@ -46,7 +46,7 @@ def region_to_patch_mask(
 
 def _register_fake() -> None:
     @torch.library.register_fake("vitos::region_to_patch_mask")
-    def _(boxes, box_image, grid_thw, merge_size, dilate, num_tokens):
+    def _(boxes, box_image, grid_thw, merge_size=2, dilate=0, num_tokens=None):
         torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: "boxes must have shape [N, 4]")
         torch._check(grid_thw.dim() == 2 and grid_thw.shape[1] == 3, lambda: "grid_thw must have shape [I, 3]")
         size = torch.library.get_ctx().new_dynamic_size() if num_tokens is None else num_tokens
