@@ -194,7 +194,8 @@ CompactResult compact_tokens_cpu(const at::Tensor& hidden_in, const at::Tensor& 
   const int64_t out_rows = out_capacity.value_or(kept);
   raise_compact_errors(kept > out_rows ? kCapacityExceeded : 0, out_rows);
 
-  auto out = at::zeros({out_rows, dim}, hidden.options());
+  auto out = at::empty({out_rows, dim}, hidden.options());
+  out.narrow(0, kept, out_rows - kept).zero_();  // padding rows of the out_capacity form
   if (fuse_into.has_value()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "compact_tokens_cpu", [&] {
       fused_mean_rows<scalar_t>(hidden.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), dim, plan.kept_index, offsets,

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import vitos_ext
 from vitos_ext.reference import region_to_patch_mask_reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CUDA variants always exist (marked, so `-m cuda` selects them); conftest skips them without a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # Coordinates that hit the edge cases: cell boundaries (k/8 for grids of 2, 4, 8 cells), outside [0, 1], non-finite.
 SPECIAL = [0.0, 0.125, 0.25, 0.5, 0.75, 1.0, -0.3, 1.7, 1e-8, 1 - 1e-7, math.nan, math.inf, -math.inf]

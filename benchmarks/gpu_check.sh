@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One-shot check on a CUDA machine without network (python3 there already has torch, triton, transformers):
+# build vitos_ext with its CUDA kernels, run the CUDA tests (under compute-sanitizer memcheck when installed),
+# then print the benchmark tables. Usage: bash benchmarks/gpu_check.sh [ops|attention|e2e|all] (default all).
+# Logs go to $OUT (if set) or /tmp/vitos_gpu_check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+log_dir=${OUT:-/tmp/vitos_gpu_check}
+mkdir -p "$log_dir"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "build"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -m pip install --no-build-isolation --no-deps -e . >"$log_dir/build.log" 2>&1 || { tail -40 "$log_dir/build.log"; exit 1; }
+python3 -c "import torch, vitos_ext; assert vitos_ext.has_cuda_kernels(), 'no CUDA kernels built'; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
+
+tests_for() {
+  case $1 in
+    ops) echo "tests/test_region_mask.py tests/test_compaction.py" ;;
+    attention) ls tests/test_attention.py tests/test_hf_attention.py 2>/dev/null | tr '\n' ' ' ;;
+    e2e) ls tests/test_models.py tests/test_pipeline.py 2>/dev/null | tr '\n' ' ' ;;
+  esac
+}
+parts=$([ "$what" = all ] && echo "ops attention e2e" || echo "$what")
+
+for part in $parts; do
+  files=$(tests_for "$part")
+  [ -n "$files" ] || continue
+  step "CUDA tests: $part"
+  python3 -m pytest -q -x -m cuda -p no:cacheprovider $files 2>&1 | tee "$log_dir/tests_$part.log" | tail -15 || status=1
+done
+
+if command -v compute-sanitizer >/dev/null && [[ " $parts " == *" ops "* ]]; then
+  step "compute-sanitizer memcheck: core-op CUDA tests (anchor shapes, errors, determinism)"
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m cuda -p no:cacheprovider \
+    -k "anchor or invalid or deterministic or out_capacity or backward" $(tests_for ops) \
+    >"$log_dir/sanitizer.log" 2>&1 && echo "memcheck: clean" || { status=1; tail -30 "$log_dir/sanitizer.log"; }
+fi
+
+for part in $parts; do
+  script=benchmarks/gpu_$part.py
+  [ -f "$script" ] || continue
+  step "benchmark: $script"
+  python3 "$script" 2>&1 | tee "$log_dir/bench_$part.log" || status=1
+done
+exit $status

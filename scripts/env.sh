@@ -1,0 +1,33 @@
+# Sourced by the README's commands: create (or reuse) the local virtual environment .venv, install the pinned
+# requirements, and build + install vitos_ext into it (editable, with its C++/CUDA extension).
+# Re-running is cheap: each step is skipped while its inputs are unchanged.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+VENV=${VITOS_VENV:-$ROOT/.venv}
+PY=$VENV/bin/python
+
+if [ ! -x "$PY" ]; then
+  echo "[vitos] creating $VENV"
+  python3 -m venv "$VENV"
+fi
+
+stamp() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+
+deps=$(stamp requirements-dev.txt)
+if [ "$(cat "$VENV/.vitos-deps" 2>/dev/null)" != "$deps" ]; then
+  echo "[vitos] installing requirements (torch, transformers, test tools; first time takes a few minutes)"
+  "$PY" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  echo "$deps" >"$VENV/.vitos-deps"
+fi
+
+# The CUDA extension is built when this torch is a CUDA build and nvcc is present (setup.py decides).
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+build=$(stamp setup.py pyproject.toml CMakeLists.txt csrc/*.h csrc/*.cpp csrc/cuda/*.cu)
+if [ "$(cat "$VENV/.vitos-build" 2>/dev/null)" != "$build" ] || ! "$PY" -c "import vitos_ext._C" 2>/dev/null; then
+  echo "[vitos] building vitos_ext (C++ and, when available, CUDA kernels; a few minutes on 2 cores)"
+  "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >"$VENV/vitos-build.log" 2>&1 \
+    || { tail -40 "$VENV/vitos-build.log"; exit 1; }
+  echo "$build" >"$VENV/.vitos-build"
+fi
+export PATH="$VENV/bin:$PATH"
