@@ -1,0 +1,81 @@
+"""The `vitos-ext` command line: demo, infer, train, eval.
+
+Every subcommand runs offline: models come from local directories or from configs shipped in the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .trainer.cli import train_main
+
+    return train_main(args.rest)
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from .pipeline_cli import infer_main
+
+    return infer_main(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import eval_main
+
+    return eval_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitos-ext", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run the main job on an embedded default (no network)")
+    demo.add_argument("--out", default="outputs/demo", help="output folder for the PNGs and the JSON summary")
+    demo.add_argument("--model", default=None, help="a local checkpoint directory (default: the trained tiny "
+                      "phantom model when present, else a tiny random VLM built from the shipped config)")
+    demo.add_argument("--image-size", type=int, default=448, help="side of the synthetic scan in pixels")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.set_defaults(run=_demo)
+
+    infer = commands.add_parser("infer", help="two-pass token-sparse answering with a local checkpoint")
+    infer.add_argument("--model", required=True, help="local checkpoint directory (e.g. a downloaded Lingshu-7B)")
+    infer.add_argument("--image", required=True, action="append", help="PNG/JPEG/DICOM file (repeatable)")
+    infer.add_argument("--question", required=True)
+    infer.add_argument("--device", default=None)
+    infer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    infer.add_argument("--max-new-tokens", type=int, default=256)
+    infer.add_argument("--dilate", type=int, default=0, help="grow the kept region by this many tokens")
+    infer.add_argument("--json", action="store_true", help="print the result as JSON")
+    infer.set_defaults(run=_infer)
+
+    train = commands.add_parser("train", help="dual-stream GRPO training (see `vitos-ext train --help`)",
+                                add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="multiple-choice VQA evaluation, full vs token-sparse",
+                                   add_help=False)
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vitos-ext` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
