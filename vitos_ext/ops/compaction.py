@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _library
+from ..profiling import nvtx_range
 from .types import Compacted
 
 
@@ -42,7 +43,8 @@ def compact_tokens(
         (out of range, not kept, or in another sequence); RuntimeError for tensors on different devices.
     """
     _library.require()
-    out = torch.ops.vitos.compact_tokens(hidden, keep, cu_seqlens, position_ids, fuse_into, out_capacity)
+    with nvtx_range("vitos.compact_tokens"):
+        out = torch.ops.vitos.compact_tokens(hidden, keep, cu_seqlens, position_ids, fuse_into, out_capacity)
     return Compacted(out[0], out[1], out[2], out[3], out[6])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _library
+from ..profiling import nvtx_range
 
 
 def region_to_patch_mask(
@@ -39,9 +40,10 @@ def region_to_patch_mask(
         raise TypeError(f"region_to_patch_mask: boxes must be a tensor, got {type(boxes).__name__}")
     if not boxes.is_floating_point():
         raise ValueError(f"region_to_patch_mask: boxes must be a floating-point tensor, got {boxes.dtype}")
-    return torch.ops.vitos.region_to_patch_mask(
-        boxes.to(torch.float32), box_image, grid_thw, merge_size, dilate, num_tokens
-    )
+    with nvtx_range("vitos.region_to_patch_mask"):
+        return torch.ops.vitos.region_to_patch_mask(
+            boxes.to(torch.float32), box_image, grid_thw, merge_size, dilate, num_tokens
+        )
 
 
 def _register_fake() -> None:
