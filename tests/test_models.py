@@ -1,0 +1,544 @@
+"""patch_model on tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA models (fp32, CPU), against unpatched models and a
+hand-written pruned decoder that uses only the unpatched modules."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import transformers
+
+import vitos_ext.patching as patching
+from model_fixtures import (
+    IMAGE,
+    build_model,
+    families,
+    image_grids,
+    make_batch,
+    select,
+)
+from test_sparsity import nearest_reference
+from vitos_ext import reference
+from vitos_ext.models import adapter_for, supported_model_names
+
+FAMILIES = families()
+STEPS = 5
+PROMPTS = [
+    [("text", [7, 8, 9]), ("image", (8, 8)), ("text", [10, 11, 12])],
+    [("text", [13]), ("image", (4, 8)), ("text", [14, 15]), ("image", (8, 4)), ("text", [16])],
+]
+# one entry per image, in image order: different kept counts per sample
+BOXES = [
+    torch.tensor([[0.0, 0.0, 0.5, 0.5]]),
+    torch.tensor([[0.5, 0.0, 1.0, 1.0]]),
+    torch.tensor([[0.0, 0.0, 0.2, 0.3], [0.6, 0.6, 1.0, 1.0]]),
+]
+
+
+@pytest.fixture(params=FAMILIES, ids=lambda f: f.name)
+def family(request):
+    return request.param
+
+
+def greedy(model, batch, steps=STEPS, **kwargs):
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **kwargs)
+    return out.sequences[:, -steps:], torch.stack(out.logits, dim=1)
+
+
+def boxes_of(batch_index: int) -> list[torch.Tensor]:
+    return BOXES[:1] if batch_index == 0 else BOXES[1:]
+
+
+def cache_of(output):
+    return output.cache if "cache" in output else output.past_key_values
+
+
+def cache_keyword(function) -> str:
+    """transformers 5.24 renamed past_key_values to cache (5.17 has only past_key_values)."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the hand-written reference: kept embeddings + gathered positions, decoded token by token, unpatched modules only
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reference_greedy(family, model, sample, boxes, steps=STEPS, fuse=False):
+    """Single sample (no padding). Returns (tokens [steps], logits [steps, V])."""
+    base = model.model
+    ids = sample["input_ids"]
+    visual = ids[0] == IMAGE
+    with torch.no_grad():
+        embeds = base.get_input_embeddings()(ids)
+        if family.is_llava:
+            features = base.get_image_features(
+                pixel_values=sample["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy, return_dict=True)
+        else:
+            features = base.get_image_features(sample["pixel_values"], sample["image_grid_thw"], return_dict=True)
+        embeds[0, visual] = torch.cat(list(features.pooler_output))
+        deepstack = None
+        if family.name == "qwen3_vl":
+            # per-image tuples in transformers 5.24, one [N, D] tensor per layer in 5.17
+            deepstack = [f if isinstance(f, torch.Tensor) else torch.cat(f) for f in features.deepstack_features]
+
+        grids, merge = image_grids(family, model, sample)
+        flat, owner = torch.cat(boxes), torch.repeat_interleave(torch.arange(len(boxes)),
+                                                                 torch.tensor([len(b) for b in boxes]))
+        keep = reference.region_to_patch_mask_reference(flat, owner, grids, merge)
+        visual_rows = [embeds[0, visual]] + (deepstack or [])
+        if fuse:
+            targets = nearest_reference(keep, grids, merge)
+            visual_rows = [_fuse_rows(rows, keep, targets) for rows in visual_rows]
+        embeds[0, visual] = visual_rows[0]
+
+        if family.is_llava:
+            positions = torch.arange(ids.shape[1])[None]
+        else:
+            positions, _ = base.get_rope_index(ids, mm_token_type_ids=sample["mm_token_type_ids"],
+                                               image_grid_thw=sample["image_grid_thw"],
+                                               attention_mask=sample["attention_mask"])
+        token_keep = ~visual
+        token_keep[visual] = keep
+        lm_kwargs = {}
+        if deepstack is not None:
+            lm_kwargs = {"visual_pos_masks": visual[token_keep][None],
+                         "deepstack_visual_embeds": [rows[keep] for rows in visual_rows[1:]]}
+        kept = int(token_keep.sum())
+        out = base.language_model(inputs_embeds=embeds[:, token_keep], position_ids=positions[..., token_keep],
+                                  attention_mask=torch.ones(1, kept, dtype=torch.long), use_cache=True, **lm_kwargs)
+        next_position = int(positions.max()) + 1
+        logits = [model.lm_head(out.last_hidden_state[:, -1])]
+        tokens = [logits[-1].argmax(-1)]
+        for step in range(steps - 1):
+            shape = (1, 1) if family.is_llava else (3, 1, 1)
+            out = base.language_model(
+                inputs_embeds=base.get_input_embeddings()(tokens[-1][:, None]),
+                position_ids=torch.full(shape, next_position + step),
+                attention_mask=torch.ones(1, kept + step + 1, dtype=torch.long),
+                **{cache_keyword(base.language_model.forward): cache_of(out)}, use_cache=True)
+            logits.append(model.lm_head(out.last_hidden_state[:, -1]))
+            tokens.append(logits[-1].argmax(-1))
+    return torch.cat(tokens), torch.cat(logits)
+
+
+def ref_kept(family, model, sample, boxes) -> int:
+    grids, merge = image_grids(family, model, sample)
+    flat = torch.cat(boxes)
+    owner = torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor([len(b) for b in boxes]))
+    keep = reference.region_to_patch_mask_reference(flat, owner, grids, merge)
+    return int((sample["input_ids"] != IMAGE).sum()) + int(keep.sum())
+
+
+def _fuse_rows(rows, keep, targets):
+    fused = rows.clone()
+    for target in targets[~keep].unique().tolist():
+        if target < 0:
+            continue
+        sources = ((targets == target) & ~keep).nonzero().flatten()
+        fused[target] = (rows[target] + rows[sources].sum(0)) / (1 + len(sources))
+    return fused
+
+
+# ----------------------------------------------------------------------------------------------------------
+# no vitos arguments: identical to the unpatched model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_no_vitos_arguments_is_identical_to_unpatched(family):
+    plain, patched = build_model(family), patching.patch_model(build_model(family))
+    batch = make_batch(family, plain, PROMPTS)
+    with torch.no_grad():
+        expected, got = plain(**batch).logits, patched(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    tokens_expected, logits_expected = greedy(plain, batch)
+    tokens_got, logits_got = greedy(patched, batch)
+    assert torch.equal(tokens_got, tokens_expected)
+    torch.testing.assert_close(logits_got, logits_expected, rtol=0, atol=1e-5)
+    assert patched.vitos_last_prefill is None
+
+
+def test_forward_signature_keeps_transformers_features(family):
+    model = patching.patch_model(build_model(family))
+    parameters = inspect.signature(model.forward).parameters
+    original = inspect.signature(family.model_class.forward).parameters
+    assert set(original) - {"self"} <= set(parameters)
+    assert {"vitos_boxes", "vitos_keep", "vitos_dilate", "vitos_fuse", "vitos_image_features"} <= set(parameters)
+    features = inspect.signature(model.model.get_image_features).parameters
+    assert list(features) == list(inspect.signature(model.model.__class__.get_image_features).parameters)[1:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pruned generation
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["drop", "fuse"])
+def test_pruned_generate_matches_hand_written_reference(family, fuse):
+    model = patching.patch_model(build_model(family))
+    plain = build_model(family)
+    batch = make_batch(family, model, PROMPTS)
+    for index in range(2):
+        sample = select(batch, index, family, model)
+        tokens, logits = greedy(model, sample, vitos_boxes=boxes_of(index), vitos_fuse=fuse)
+        ref_tokens, ref_logits = reference_greedy(family, plain, sample, boxes_of(index), fuse=fuse)
+        assert tokens[0].tolist() == ref_tokens.tolist()
+        torch.testing.assert_close(logits[0], ref_logits, rtol=0, atol=1e-5)
+        assert model.vitos_last_prefill.kept_counts.tolist() == [ref_kept(family, model, sample, boxes_of(index))]
+        _, unpruned_logits = greedy(model, sample)
+        assert model.vitos_last_prefill is None  # an unpruned prefill leaves no stale statistics
+        assert not torch.allclose(unpruned_logits[:, 0], logits[:, 0], atol=1e-3)  # pruning changed the input
+
+
+def test_decoding_continues_after_the_max_original_position(family):
+    """A prompt that ends inside an image: its last token is not at the largest M-RoPE position (for Qwen), and the
+    boxes drop that last token; decoding still continues at max original position + 1."""
+    model = patching.patch_model(build_model(family))
+    sample = select(make_batch(family, model, PROMPTS), 0, family, model)
+    end = int((sample["input_ids"][0] == IMAGE).nonzero().max()) + 1
+    sample = {k: v[:, :end] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+              for k, v in sample.items()}
+    boxes = [torch.tensor([[0.0, 0.0, 0.4, 0.4]])]
+    tokens, logits = greedy(model, sample, vitos_boxes=boxes)
+    ref_tokens, ref_logits = reference_greedy(family, build_model(family), sample, boxes)
+    assert tokens[0].tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logits[0], ref_logits, rtol=0, atol=1e-5)
+
+
+def test_batch_with_different_kept_counts_equals_singles(family):
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    tokens, logits = greedy(model, batch, vitos_boxes=BOXES)
+    stats = model.vitos_last_prefill
+    counts = stats.kept_counts.tolist()
+    assert counts[0] != counts[1]
+    for index in range(2):
+        single_tokens, single_logits = greedy(model, select(batch, index, family, model),
+                                              vitos_boxes=boxes_of(index))
+        assert tokens[index].tolist() == single_tokens[0].tolist()
+        torch.testing.assert_close(logits[index], single_logits[0], rtol=0, atol=1e-4)
+        assert model.vitos_last_prefill.kept_counts.tolist() == [counts[index]]
+
+
+def test_last_prefill_reports_kept_tokens(family):
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    grids, merge = image_grids(family, model, batch)
+    flat = torch.cat(BOXES)
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor([len(b) for b in BOXES]))
+    keep = reference.region_to_patch_mask_reference(flat, owner, grids, merge)
+    greedy(model, batch, steps=1, vitos_boxes=BOXES)
+    stats = model.vitos_last_prefill
+    visual = batch["input_ids"] == IMAGE
+    per_sample_visual = visual.sum(-1)
+    assert stats.visual_counts.tolist() == per_sample_visual.tolist()
+    split = per_sample_visual.tolist()
+    assert stats.visual_kept_counts.tolist() == [int(k.sum()) for k in keep.split(split)]
+    text = (batch["attention_mask"].bool() & ~visual).sum(-1)
+    assert stats.kept_counts.tolist() == (text + stats.visual_kept_counts).tolist()
+    assert stats.kept_ratio == pytest.approx(int(keep.sum()) / keep.numel())
+    assert stats.inputs_embeds is None
+
+
+def test_vitos_keep_equals_boxes_and_dilate_grows_the_region(family):
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    grids, merge = image_grids(family, model, batch)
+    flat = torch.cat(BOXES)
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor([len(b) for b in BOXES]))
+    keep = reference.region_to_patch_mask_reference(flat, owner, grids, merge)
+    by_boxes, _ = greedy(model, batch, vitos_boxes=BOXES)
+    by_keep, _ = greedy(model, batch, vitos_keep=keep)
+    assert torch.equal(by_boxes, by_keep)
+    greedy(model, batch, steps=1, vitos_boxes=BOXES, vitos_dilate=1)
+    dilated = reference.region_to_patch_mask_reference(flat, owner, grids, merge, dilate=1)
+    assert model.vitos_last_prefill.visual_kept_counts.sum() == int(dilated.sum()) > int(keep.sum())
+
+
+def test_fusion_with_an_explicit_map(family):
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    grids, merge = image_grids(family, model, batch)
+    flat = torch.cat(BOXES)
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor([len(b) for b in BOXES]))
+    keep = reference.region_to_patch_mask_reference(flat, owner, grids, merge)
+    nearest = nearest_reference(keep, grids, merge)
+    by_flag, flag_logits = greedy(model, batch, vitos_keep=keep, vitos_fuse=True)
+    by_map, map_logits = greedy(model, batch, vitos_keep=keep, vitos_fuse=nearest)
+    dropped, _ = greedy(model, batch, vitos_keep=keep)
+    assert torch.equal(by_flag, by_map)
+    torch.testing.assert_close(flag_logits, map_logits, rtol=0, atol=0)
+    assert not torch.allclose(flag_logits, greedy(model, batch, vitos_keep=keep)[1])
+
+
+def test_manual_decoding_from_the_compacted_cache(family):
+    """A pruned forward() then a decode step without generate(). Qwen: no positions given, transformers derives
+    them from the cache length and rope_deltas (max original position + 1 - kept length). LLaVA: explicit
+    positions from vitos_last_prefill.next_position."""
+    model = patching.patch_model(build_model(family))
+    sample = select(make_batch(family, model, PROMPTS), 1, family, model)
+    tokens, logits = greedy(model, sample, steps=2, vitos_boxes=boxes_of(1))
+    with torch.no_grad():
+        prefill = model(**sample, vitos_boxes=boxes_of(1), use_cache=True)
+        stats = model.vitos_last_prefill
+        assert prefill.logits.shape[1] == stats.attention_mask.shape[1] == int(stats.kept_counts[0])
+        torch.testing.assert_close(prefill.logits[:, -1], logits[:, 0], rtol=0, atol=1e-5)
+        step = {"input_ids": tokens[:, :1]}
+        if family.is_llava:
+            step["position_ids"] = stats.next_position[:, None]
+            step["attention_mask"] = torch.cat([stats.attention_mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+        else:
+            assert torch.equal(model.model.rope_deltas, stats.next_position[:, None] - stats.kept_counts[:, None])
+        decoded = model(**step, **{cache_keyword(family.model_class.forward): cache_of(prefill)}, use_cache=True)
+    torch.testing.assert_close(decoded.logits[:, -1], logits[:, 1], rtol=0, atol=1e-5)
+
+
+def test_pruned_forward_with_labels_compacts_them_and_backpropagates(family):
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    labels = batch["input_ids"].masked_fill((batch["input_ids"] == IMAGE) | (batch["attention_mask"] == 0), -100)
+    model.train()
+    out = model(**batch, labels=labels, vitos_boxes=BOXES)
+    stats = model.vitos_last_prefill
+    source = stats.source_index
+    compact = torch.where(source >= 0, labels.flatten()[source.clamp_min(0)], torch.full_like(source, -100))
+    logits = out.logits.float()
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 compact[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    vision = model.model.vision_tower if family.is_llava else model.model.visual
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.parameters())
+    as_tuple = model(**batch, labels=labels, vitos_boxes=BOXES, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.loss)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vision features computed once, reused for two prefills
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_image_features_are_computed_once_for_two_prefills(family):
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    full, _ = greedy(model, batch)
+    pruned, _ = greedy(model, batch, vitos_boxes=BOXES)
+    vision = model.model.vision_tower if family.is_llava else model.model.visual
+    calls = []
+    handle = vision.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        image_inputs = {} if family.is_llava else {"image_grid_thw": batch["image_grid_thw"]}
+        with torch.no_grad():
+            features = patching.encode_images(model, batch["pixel_values"], **image_inputs)
+        no_pixels = {k: v for k, v in batch.items() if k != "pixel_values"}
+        no_images = {k: v for k, v in no_pixels.items() if k != "image_grid_thw"}  # taken from the features
+        first, _ = greedy(model, no_pixels, vitos_image_features=features)
+        second, _ = greedy(model, no_images, vitos_image_features=features, vitos_boxes=BOXES)
+        again, _ = greedy(model, batch, vitos_image_features=features, vitos_boxes=BOXES)
+        with torch.no_grad():
+            forward_logits = model(**no_images, vitos_image_features=features, vitos_boxes=BOXES).logits
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert torch.equal(first, full) and torch.equal(second, pruned) and torch.equal(again, pruned)
+    with torch.no_grad():
+        expected_logits = model(**batch, vitos_boxes=BOXES).logits
+    torch.testing.assert_close(forward_logits, expected_logits, rtol=0, atol=0)
+    assert features.num_tokens == int((batch["input_ids"] == IMAGE).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# patch / unpatch / class-level patching
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _snapshot(model):
+    modules = {name: (set(m.__dict__), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    implementations = {name: m.config._attn_implementation for name, m in model.named_modules()
+                       if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
+    return modules, implementations
+
+
+@pytest.mark.parametrize("attention", ["model", "varlen"])
+def test_unpatch_restores_exactly(family, attention):
+    model = build_model(family)
+    batch = make_batch(family, model, PROMPTS)
+    tokens, _ = greedy(model, batch)
+    before = _snapshot(model)  # after a first call: transformers installs some output-capturing hooks lazily
+    patching.patch_model(model, attention=attention)
+    greedy(model, batch, vitos_boxes=BOXES)
+    assert _snapshot(model) != before
+    assert patching.unpatch_model(model) is model
+    assert _snapshot(model) == before
+    assert not patching.is_patched(model)
+    assert torch.equal(greedy(model, batch)[0], tokens)
+    with pytest.raises(ValueError, match="vitos_boxes"):  # generate() no longer knows the argument
+        greedy(model, batch, vitos_boxes=BOXES)
+    assert patching.unpatch_model(model) is model  # unpatching twice is a no-op
+
+
+def test_patch_twice_is_patch_once(family):
+    once = patching.patch_model(build_model(family))
+    twice = patching.patch_model(patching.patch_model(build_model(family)))
+    assert _snapshot(once) == _snapshot(twice)
+    assert len(twice.model.language_model._forward_pre_hooks) == 1
+    batch = make_batch(family, once, PROMPTS)
+    assert torch.equal(greedy(once, batch, vitos_boxes=BOXES)[0], greedy(twice, batch, vitos_boxes=BOXES)[0])
+    patching.unpatch_model(twice)
+    assert not patching.is_patched(twice) and len(twice.model.language_model._forward_pre_hooks) == 0
+
+
+def test_deepcopy_of_a_patched_model_prunes_itself(family):
+    model = patching.patch_model(build_model(family))
+    clone = copy.deepcopy(model)
+    batch = make_batch(family, model, PROMPTS)
+    tokens, _ = greedy(clone, batch, vitos_boxes=BOXES)
+    assert clone.vitos_last_prefill is not None and model.vitos_last_prefill is None
+    assert torch.equal(tokens, greedy(model, batch, vitos_boxes=BOXES)[0])
+    patching.unpatch_model(clone)
+    assert patching.is_patched(model)
+
+
+def test_class_level_apply_and_revert(family):
+    import vitos_ext.models as models
+
+    module = __import__(f"{models.__name__}.{family.name}", fromlist=["ADAPTER"])
+    apply = getattr(module, f"apply_vitos_to_{family.name}")
+    revert = getattr(module, f"revert_vitos_to_{family.name}")
+    original_init = family.model_class.__dict__["__init__"]
+    apply(attention="model")
+    try:
+        apply(attention="model")  # idempotent
+        model = build_model(family)
+        assert patching.is_patched(model)
+        batch = make_batch(family, model, PROMPTS)
+        expected = greedy(patching.patch_model(build_model(family)), batch, vitos_boxes=BOXES)[0]
+        assert torch.equal(greedy(model, batch, vitos_boxes=BOXES)[0], expected)
+    finally:
+        revert()
+    assert family.model_class.__dict__["__init__"] is original_init
+    assert not patching.is_patched(build_model(family))
+    assert patching.is_patched(model)  # instances built meanwhile stay patched until unpatch_model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention through varlen_attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_vision_tower_through_varlen_matches_eager(family, monkeypatch):
+    eager = build_model(family)
+    varlen = patching.patch_model(build_model(family), attention="varlen")
+    batch = make_batch(family, eager, PROMPTS)
+    image_inputs = {} if family.is_llava else {"image_grid_thw": batch["image_grid_thw"]}
+    import vitos_ext.ops.attention as attention_ops
+
+    calls = []
+    real = attention_ops.varlen_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[3].numel() - 1)  # sequences (images or windows) in this call
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_ops, "varlen_attention", counting)
+    import vitos_ext.hf_attention as hf_attention
+
+    monkeypatch.setattr(hf_attention, "varlen_attention", counting)
+    with torch.no_grad():
+        expected = patching.encode_images(eager, batch["pixel_values"], **image_inputs)
+        got = patching.encode_images(varlen, batch["pixel_values"], **image_inputs)
+    depth = len(adapter_for(varlen).vision_attention_modules(varlen)) or varlen.config.vision_config.num_hidden_layers
+    assert len(calls) == depth  # one varlen call per vision layer, whatever the number of images / windows
+    if family.name == "qwen2_5_vl":
+        assert max(calls) > batch["image_grid_thw"].shape[0]  # windowed layers: all windows in the one call
+    for a, b in zip(got.output.pooler_output, expected.output.pooler_output):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_language_model_through_varlen_matches_model_attention(family):
+    model_attention = patching.patch_model(build_model(family), attention="model")
+    varlen = patching.patch_model(build_model(family), attention="varlen")
+    assert adapter_for(varlen).language_model(varlen).config._attn_implementation == "vitos_varlen"
+    batch = make_batch(family, varlen, PROMPTS)
+    for inputs, boxes in [(batch, BOXES), (select(batch, 0, family, varlen), boxes_of(0))]:
+        expected_tokens, expected_logits = greedy(model_attention, inputs, vitos_boxes=boxes)
+        tokens, logits = greedy(varlen, inputs, vitos_boxes=boxes)
+        assert torch.equal(tokens, expected_tokens)
+        torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-4)
+
+
+def test_auto_attention_keeps_model_attention_on_cpu(family):
+    model = patching.patch_model(build_model(family), attention="auto")
+    assert adapter_for(model).language_model(model).config._attn_implementation == "eager"
+    model = patching.patch_model(model, attention="varlen")  # switching mode re-routes
+    assert adapter_for(model).language_model(model).config._attn_implementation == "vitos_varlen"
+    patching.patch_model(model, attention="model")
+    assert adapter_for(model).language_model(model).config._attn_implementation == "eager"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_clear_errors(family):
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    num_visual = int((batch["input_ids"] == IMAGE).sum())
+    cases = [
+        (dict(vitos_boxes=BOXES[:2]), ValueError, "vitos_boxes has 2 entries but the batch has 3 image"),
+        (dict(vitos_boxes=[BOXES[0], BOXES[1], torch.zeros(2, 3)]), ValueError, r"vitos_boxes\[2\] must have shape"),
+        (dict(vitos_boxes=[BOXES[0], BOXES[1], [[0.1, 0.1, 0.2, 0.2]]]), TypeError, r"vitos_boxes\[2\] must be a"),
+        (dict(vitos_boxes=torch.cat(BOXES)), TypeError, "vitos_boxes must be a list"),
+        (dict(vitos_boxes=[b.to("meta") for b in BOXES]), ValueError, r"vitos_boxes\[0\] is on meta"),
+        (dict(vitos_keep=torch.ones(num_visual + 1, dtype=torch.bool)), ValueError,
+         rf"vitos_keep must have shape \[{num_visual}\]"),
+        (dict(vitos_keep=torch.ones(num_visual)), TypeError, "vitos_keep must be a 1-D bool"),
+        (dict(vitos_keep=torch.ones(num_visual, dtype=torch.bool, device="meta")), ValueError, "vitos_keep is on"),
+        (dict(vitos_boxes=BOXES, vitos_keep=torch.ones(num_visual, dtype=torch.bool)), ValueError, "not both"),
+        (dict(vitos_fuse=True), ValueError, "vitos_fuse / vitos_dilate need vitos_boxes or vitos_keep"),
+        (dict(vitos_boxes=BOXES, vitos_dilate=-1), ValueError, "vitos_dilate must be an int >= 0"),
+        (dict(vitos_boxes=BOXES, vitos_fuse=torch.zeros(3, dtype=torch.long)), ValueError,
+         rf"vitos_fuse must have shape \[{num_visual}\]"),
+        (dict(vitos_image_features=torch.zeros(3)), TypeError, "vitos_image_features must come from"),
+    ]
+    for kwargs, error, words in cases:
+        for call in (lambda: model(**batch, **kwargs), lambda: greedy(model, batch, steps=1, **kwargs)):
+            with pytest.raises(error, match=words):
+                call()
+    text_only = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    text_only["input_ids"] = text_only["input_ids"].masked_fill(text_only["input_ids"] == IMAGE, 7)
+    if "mm_token_type_ids" in text_only:
+        text_only["mm_token_type_ids"] = torch.zeros_like(text_only["mm_token_type_ids"])
+    with pytest.raises(ValueError, match="vitos_boxes was given but the batch has no images"):
+        greedy(model, text_only, steps=1, vitos_boxes=BOXES)
+    with pytest.raises(ValueError, match="num_return_sequences=2"):
+        greedy(model, batch, steps=1, vitos_boxes=BOXES, num_return_sequences=2)
+    first = select(batch, 0, family, model)
+    image_inputs = {} if family.is_llava else {"image_grid_thw": first["image_grid_thw"]}
+    with torch.no_grad():
+        other_images = patching.encode_images(model, first["pixel_values"], **image_inputs)
+    with pytest.raises(ValueError, match="vitos_image_features were computed for other images"):
+        greedy(model, batch, steps=1, vitos_image_features=other_images)
+    with torch.no_grad():
+        prefill = model(**first, use_cache=True)
+    with pytest.raises(ValueError, match="cannot continue from a non-empty cache"):
+        model(input_ids=first["input_ids"][:, -1:], vitos_boxes=BOXES[:1], pixel_values=first["pixel_values"],
+              **image_inputs, **{cache_keyword(family.model_class.forward): cache_of(prefill)})
+    # the model still works after every failed call
+    assert torch.equal(greedy(model, batch)[0], greedy(build_model(family), batch)[0])
+
+
+def test_unsupported_model_lists_the_supported_ones():
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2)
+    with pytest.raises(TypeError) as info:
+        patching.patch_model(transformers.LlamaForCausalLM(config))
+    for name in supported_model_names():
+        assert name in str(info.value)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        patching.patch_model(build_model(FAMILIES[0]), attention="flash")

@@ -1,0 +1,743 @@
+"""patch_model: token-sparse forward()/generate() for Hugging Face vision-language models.
+
+    model = vitos_ext.patch_model(model)                       # Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA instances
+    out = model.generate(**inputs, vitos_boxes=boxes)          # visual tokens outside the boxes are dropped
+    model.vitos_last_prefill.kept_ratio                        # what the last pruned prefill kept
+    feats = vitos_ext.encode_images(model, inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    model.generate(**inputs, vitos_image_features=feats)       # reuse the vision tower's output (two-pass ViToS)
+    vitos_ext.unpatch_model(model)
+
+How it hooks (identical in transformers 5.17 and 5.24; nothing in transformers is modified globally):
+  * ``model.forward`` / ``model.generate`` are replaced on the instance by wrappers that accept the vitos_* arguments,
+    validate them and publish a per-call request in a context variable (so concurrent threads do not mix). The
+    forward wrapper keeps the original signature (+ the vitos_* keywords), so generate()'s feature detection
+    (logits_to_keep, mm_encoder_outputs, position_ids) sees the same model.
+  * A forward pre-hook on the language model (``model.model.language_model``) does the pruning. At that point
+    transformers has already run the vision tower, scattered the image features into inputs_embeds and computed
+    the (M-)RoPE positions, in every supported version; the hook compacts the left-padded batch
+    (sparsity.prune_padded_batch) and hands the language model the shorter inputs_embeds, 2-D attention mask and
+    gathered positions. It acts once per request, on the prefill (empty cache).
+  * ``_update_model_kwargs_for_generation`` is wrapped so that after the pruned prefill generate() carries the
+    compacted attention mask / position ids / mm_token_type_ids (it otherwise grows the unpruned ones), and the new
+    token's position is max original position + 1 per sample. Qwen's ``rope_deltas`` are set to
+    max original position + 1 - kept length, for decoding without explicit positions.
+  * ``model.model.get_image_features`` is wrapped to return precomputed features (vitos_image_features) instead of
+    running the vision tower, which is how one vision pass serves two prefills.
+  * Attention: vision attention modules of the Qwen families get a forward that runs one varlen_attention call per
+    layer; the language model (and LLaVA's ViT) switch to the "vitos_varlen" attention implementation
+    (vitos_ext.hf_attention). attention="auto" does both only where a fast varlen backend exists (CUDA);
+    "varlen" forces it, "model" never touches attention.
+
+Everything installed is an instance attribute or hook bound to the model (deepcopy-safe: copies rebind to the copy),
+and unpatch_model removes exactly what was installed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .models import VLMAdapter, adapter_for
+from .sparsity import (
+    PrunedBatch,
+    boxes_to_regions,
+    compact_token_values,
+    keep_mask_from_boxes,
+    prune_padded_batch,
+    resolve_fusion,
+    validate_keep,
+)
+
+__all__ = [
+    "ATTENTION_MODES",
+    "ImageFeatures",
+    "apply_to_classes",
+    "encode_images",
+    "is_patched",
+    "patch_model",
+    "revert_classes",
+    "unpatch_model",
+]
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_MODES = ("auto", "varlen", "model")
+VITOS_ARGUMENTS = ("vitos_boxes", "vitos_keep", "vitos_dilate", "vitos_fuse", "vitos_image_features")
+_MODEL_METHODS = ("forward", "generate", "_update_model_kwargs_for_generation")
+
+_ACTIVE_REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("vitos_request", default=None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public data
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageFeatures:
+    """Vision-tower output of one batch of images, reusable across prefills (pass as ``vitos_image_features``).
+
+    Attributes:
+        output: what the model's get_image_features returned (a transformers ModelOutput: pooler_output holds the
+            per-image embeddings; Qwen3-VL also carries DeepStack features). Do not modify it.
+        num_tokens: visual tokens it covers (rows of the concatenated image embeddings).
+        inputs: the image inputs it was computed from (image_grid_thw / num_images), to check later calls.
+    """
+
+    output: Any
+    num_tokens: int
+    inputs: dict[str, Any]
+
+
+def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor, **image_inputs: Any) -> ImageFeatures:
+    """Run a supported model's vision tower (and projector) once.
+
+    Args:
+        model: a supported *ForConditionalGeneration model (patched or not).
+        pixel_values: the processor's pixel_values (Qwen: [sum(t*h*w), C*tp*p*p]; LLaVA: [I, C, H, W]).
+        **image_inputs: the other image inputs the family needs: image_grid_thw (int64 [I, 3]) for Qwen-VL.
+
+    Returns:
+        ImageFeatures, to pass as ``vitos_image_features=`` to the patched forward()/generate() of the same
+        images (pixel_values may then be omitted): the vision tower does not run again. Gradients flow if enabled.
+    """
+    adapter = adapter_for(model)
+    output = adapter.encode_images(model, pixel_values, **image_inputs)
+    inputs = {"image_grid_thw": image_inputs.get("image_grid_thw"),
+              "num_images": adapter.count_images(model, {"pixel_values": pixel_values, **image_inputs})}
+    return ImageFeatures(output=output, num_tokens=adapter.feature_rows(output), inputs=inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-model state and per-call requests
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PatchState:
+    """What patch_model installed on one model (everything unpatch_model must undo)."""
+
+    model: torch.nn.Module
+    adapter: VLMAdapter
+    attention: str
+    previous: dict[str, Any] = field(default_factory=dict)  # model methods that were instance attributes before
+    previous_image_features: Any = None
+    vision_modules: list[torch.nn.Module] = field(default_factory=list)
+    previous_vision_forwards: list[Any] = field(default_factory=list)
+    attention_backup: list[tuple[Any, Any]] = field(default_factory=list)
+    attention_routed: bool = False
+
+
+@dataclass
+class _Request:
+    """One patched forward()/generate() call that asked for pruning and/or precomputed image features."""
+
+    state: _PatchState
+    boxes: list[torch.Tensor] | None
+    keep: torch.Tensor | None
+    dilate: int
+    fuse: bool | torch.Tensor | None
+    image_features: ImageFeatures | None
+    in_generate: bool
+    inputs: dict[str, Any] = field(default_factory=dict)
+    encoded_rows: int | None = None
+    done: bool = False
+    pruned: PrunedBatch | None = None
+    generate_kwargs_pending: bool = False
+
+    @property
+    def prunes(self) -> bool:
+        return self.boxes is not None or self.keep is not None
+
+
+def _state_of(model: torch.nn.Module) -> _PatchState | None:
+    return model.__dict__.get("_vitos_state")
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """Whether patch_model is in effect on this instance."""
+    return _state_of(model) is not None
+
+
+def _original(state: _PatchState, name: str):
+    previous = state.previous.get(name)
+    return previous if previous is not None else getattr(type(state.model), name).__get__(state.model)
+
+
+def _request_for(state: _PatchState | None) -> _Request | None:
+    request = _ACTIVE_REQUEST.get()
+    return request if request is not None and state is not None and request.state is state else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# patch / unpatch
+# ----------------------------------------------------------------------------------------------------------
+
+
+def patch_model(model: torch.nn.Module, attention: str = "auto") -> torch.nn.Module:
+    """Make a supported HF VLM instance token-sparse (in place). Idempotent; returns the model.
+
+    After patching, forward() and generate() also accept:
+        vitos_boxes: list with one float tensor [n_i, 4] per image (normalized x1, y1, x2, y2; image_grid_thw order;
+            an empty tensor keeps the whole image). Visual tokens outside every box of their image are dropped.
+        vitos_keep: bool [N] over all visual tokens of the batch (any custom policy), instead of boxes.
+        vitos_dilate: int >= 0, grow the box regions by this many tokens.
+        vitos_fuse: True (average each dropped token into the nearest kept token of its image frame) or an int64
+            [N] map over visual tokens (-1 = drop, k = fuse into visual token k).
+        vitos_image_features: ImageFeatures from encode_images(): skip the vision tower (pixel_values optional).
+    With none of them the model behaves exactly as before. Pruning happens once, at prefill: text tokens are kept,
+    kept tokens keep their original (M-)RoPE positions, the KV cache holds only kept tokens, decoding continues at
+    max original position + 1 per sample, and left-padded batches with different kept counts decode as each sample
+    alone would. A pruned forward() returns logits over the compacted, left-padded sequence [B, L', V] (labels, if
+    given, are compacted the same way). model.vitos_last_prefill (a PrunedBatch without embeddings) describes the
+    last pruned prefill: kept_counts, visual_kept_counts, kept_ratio, attention_mask, position_ids, next_position.
+
+    Args:
+        model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA *ForConditionalGeneration instance.
+        attention: "auto" (varlen attention for the vision tower and language model where a fast backend exists for
+            the model's device, i.e. CUDA; elsewhere the model's own attention), "varlen" (always), "model" (never).
+
+    Raises:
+        TypeError listing the supported classes for any other model; ValueError for an unknown attention mode.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    adapter = adapter_for(model)
+    state = _state_of(model)
+    if state is not None:
+        if state.attention != attention:
+            _set_attention_mode(state, attention)
+        return model
+
+    state = _PatchState(model=model, adapter=adapter, attention=attention)
+    for name in _MODEL_METHODS:
+        state.previous[name] = model.__dict__.get(name)
+    base = adapter.base_model(model)
+    state.previous_image_features = base.__dict__.get("get_image_features")
+
+    model.__dict__["_vitos_state"] = state
+    model.__dict__["vitos_last_prefill"] = None
+    model.__dict__["forward"] = types.MethodType(_forward_for_class(type(model)), model)
+    model.__dict__["generate"] = types.MethodType(_patched_generate, model)
+    model.__dict__["_update_model_kwargs_for_generation"] = types.MethodType(_patched_update_model_kwargs, model)
+    base.__dict__["_vitos_state"] = state
+    base.__dict__["get_image_features"] = types.MethodType(_get_image_features_for_class(type(base)), base)
+    language_model = adapter.language_model(model)
+    language_model.register_forward_pre_hook(types.MethodType(_language_model_pre_hook, state), with_kwargs=True)
+    _set_attention_mode(state, attention)
+    return model
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo patch_model exactly: instance attributes and hooks removed, attention implementations restored.
+
+    A model that is not patched is returned unchanged.
+    """
+    state = _state_of(model)
+    if state is None:
+        return model
+    _restore_attention(state)
+    _uninstall_vision_attention(state)
+    for name in _MODEL_METHODS:
+        _restore_attribute(model, name, state.previous.get(name))
+    base = state.adapter.base_model(model)
+    _restore_attribute(base, "get_image_features", state.previous_image_features)
+    base.__dict__.pop("_vitos_state", None)
+    _remove_pre_hook(state.adapter.language_model(model))
+    model.__dict__.pop("vitos_last_prefill", None)
+    model.__dict__.pop("_vitos_state", None)
+    return model
+
+
+def _restore_attribute(obj: Any, name: str, previous: Any) -> None:
+    if previous is None:
+        obj.__dict__.pop(name, None)
+    else:
+        obj.__dict__[name] = previous
+
+
+def _remove_pre_hook(module: torch.nn.Module) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if getattr(hook, "__func__", None) is _language_model_pre_hook:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention routing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _set_attention_mode(state: _PatchState, attention: str) -> None:
+    _restore_attention(state)
+    _uninstall_vision_attention(state)
+    state.attention = attention
+    if attention == "model":
+        return
+    replacement = state.adapter.vision_attention_forward()
+    if replacement is not None:
+        for module in state.adapter.vision_attention_modules(state.model):
+            state.vision_modules.append(module)
+            state.previous_vision_forwards.append(module.__dict__.get("forward"))
+            module.__dict__["forward"] = types.MethodType(replacement, module)
+            module.__dict__["_vitos_attention"] = attention
+    _ensure_language_model_attention(state)
+
+
+def _uninstall_vision_attention(state: _PatchState) -> None:
+    for module, previous in zip(state.vision_modules, state.previous_vision_forwards):
+        _restore_attribute(module, "forward", previous)
+        module.__dict__.pop("_vitos_attention", None)
+    state.vision_modules.clear()
+    state.previous_vision_forwards.clear()
+
+
+def _fast_varlen_device(model: torch.nn.Module) -> bool:
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type != "cuda":
+        return False
+    from .ops.attention import triton_available
+
+    return triton_available(parameter.device)
+
+
+def _ensure_language_model_attention(state: _PatchState) -> None:
+    """Switch the language model to "vitos_varlen" once the mode (and, for "auto", the device) asks for it."""
+    if state.attention_routed or state.attention == "model":
+        return
+    if state.attention == "auto" and not _fast_varlen_device(state.model):
+        return  # re-checked on every patched call: the model may move to CUDA later
+    try:
+        from .hf_attention import register_hf_attention
+    except ImportError as error:
+        if state.attention == "varlen":
+            raise ImportError("attention='varlen' needs vitos_ext.hf_attention") from error
+        logger.warning("vitos_ext.hf_attention unavailable; the language model keeps its own attention")
+        state.attention_routed = True
+        return
+    name = _registered_attention_name(register_hf_attention)
+    configs = {}
+    for config in state.adapter.language_model_configs(state.model):
+        configs[id(config)] = config
+    for module in state.adapter.language_model(state.model).modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            configs[id(config)] = config
+    for config in configs.values():
+        state.attention_backup.append((config, config._attn_implementation_internal))
+        config._attn_implementation_internal = name
+    state.attention_routed = True
+
+
+def _registered_attention_name(register_hf_attention) -> str:
+    """Register "vitos_varlen" unless it already is (re-registering would reset a backend the user chose)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .hf_attention import HF_ATTENTION_NAME
+
+    if HF_ATTENTION_NAME in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        return HF_ATTENTION_NAME
+    return register_hf_attention()
+
+
+def _restore_attention(state: _PatchState) -> None:
+    for config, implementation in reversed(state.attention_backup):
+        config._attn_implementation_internal = implementation
+    state.attention_backup.clear()
+    state.attention_routed = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# request validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pop_vitos_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {name: kwargs.pop(name) for name in VITOS_ARGUMENTS if name in kwargs}
+
+
+def _wants_request(vitos: dict[str, Any]) -> bool:
+    return any(value is not None and value is not False and not (name == "vitos_dilate" and value == 0)
+               for name, value in vitos.items())
+
+
+def _make_request(state: _PatchState, vitos: dict[str, Any], inputs: dict[str, Any], in_generate: bool) -> _Request:
+    """Validate the vitos_* arguments against the call's inputs (host-side checks only) and build the request."""
+    boxes, keep = vitos.get("vitos_boxes"), vitos.get("vitos_keep")
+    dilate, fuse = vitos.get("vitos_dilate") or 0, vitos.get("vitos_fuse")
+    features = vitos.get("vitos_image_features")
+    _check_argument_kinds(boxes, keep, dilate, fuse, features)
+    if boxes is not None or keep is not None:
+        _check_prunable(inputs, features, "vitos_boxes" if boxes is not None else "vitos_keep")
+    input_ids = inputs.get("input_ids")
+    device = input_ids.device if input_ids is not None else next(state.model.parameters()).device
+    if features is not None:
+        if not state.adapter.same_images(features.inputs, inputs):  # compares image_grid_thw: a tiny read-back
+            raise ValueError("vitos_image_features were computed for other images than this call's "
+                             "(image_grid_thw / number of images differ)")
+        inputs.update({k: v for k, v in features.inputs.items() if inputs.get(k) is None and v is not None})
+    if boxes is not None:
+        num_images = state.adapter.count_images(state.model, inputs)
+        if num_images is None:
+            raise ValueError("vitos_boxes needs the image inputs (image_grid_thw for Qwen-VL models)")
+        boxes_to_regions(boxes, num_images, device)  # types, shapes, count and device, before any compute
+    for name, tensor in (("vitos_keep", keep), ("vitos_fuse", fuse)):
+        if isinstance(tensor, torch.Tensor) and tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but the inputs are on {device}")
+    return _Request(state=state, boxes=None if boxes is None else list(boxes), keep=keep, dilate=dilate, fuse=fuse,
+                    image_features=features, in_generate=in_generate, inputs=inputs)
+
+
+def _check_argument_kinds(boxes, keep, dilate, fuse, features) -> None:
+    if boxes is not None and keep is not None:
+        raise ValueError("pass either vitos_boxes or vitos_keep, not both")
+    if boxes is None and keep is None and (fuse not in (None, False) or dilate):
+        raise ValueError("vitos_fuse / vitos_dilate need vitos_boxes or vitos_keep")
+    if not isinstance(dilate, int) or isinstance(dilate, bool) or dilate < 0:
+        raise ValueError(f"vitos_dilate must be an int >= 0, got {dilate!r}")
+    if keep is not None and (not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 1):
+        kind = keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise TypeError(f"vitos_keep must be a 1-D bool tensor over all visual tokens, got {kind}")
+    if fuse is not None and not isinstance(fuse, (bool, torch.Tensor)):
+        raise TypeError(f"vitos_fuse must be a bool or an int64 tensor, got {type(fuse).__name__}")
+    if features is not None and not isinstance(features, ImageFeatures):
+        raise TypeError(f"vitos_image_features must come from vitos_ext.encode_images(), "
+                        f"got {type(features).__name__}")
+
+
+def _check_prunable(inputs: dict[str, Any], features: ImageFeatures | None, argument: str) -> None:
+    pixel_values = inputs.get("pixel_values")
+    has_pixels = isinstance(pixel_values, torch.Tensor) and pixel_values.numel() > 0
+    if not has_pixels and features is None:
+        raise ValueError(f"{argument} was given but the batch has no images (no pixel_values or "
+                         "vitos_image_features): token pruning only applies to visual tokens")
+    if inputs.get("input_ids") is None:
+        raise ValueError("token pruning needs input_ids (to locate the image tokens), not only inputs_embeds")
+
+
+def _fill_image_inputs(kwargs: dict[str, Any], request: _Request) -> None:
+    """With precomputed features and no pixel_values, hand transformers an empty pixel tensor (it calls
+    get_image_features only when pixel_values is not None; the wrapped get_image_features then returns the cached
+    features) and the features' image_grid_thw when the call has none (Qwen needs it for M-RoPE positions)."""
+    features = request.image_features
+    if features is None:
+        return
+    if kwargs.get("pixel_values") is None:
+        kwargs["pixel_values"] = torch.empty(0, device=next(request.state.model.parameters()).device)
+    if kwargs.get("image_grid_thw") is None and features.inputs.get("image_grid_thw") is not None:
+        kwargs["image_grid_thw"] = features.inputs["image_grid_thw"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward / generate wrappers
+# ----------------------------------------------------------------------------------------------------------
+
+_WRAPPERS_BY_CLASS: dict[tuple[type, str], Any] = {}
+_CAPTURED_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_sizes")
+
+
+def _with_signature_of(cls: type, name: str, implementation: Any, extra_keywords: tuple[str, ...] = ()) -> Any:
+    """A method for instances of `cls` that calls implementation(self, args, kwargs) and advertises the signature of
+    cls.<name> (plus `extra_keywords`): transformers inspects these signatures (generate() decides what to pass to
+    forward and whether to pre-encode images with get_image_features from them)."""
+    key = (cls, name)
+    if key in _WRAPPERS_BY_CLASS:
+        return _WRAPPERS_BY_CLASS[key]
+    template = getattr(cls, name)
+    signature = inspect.signature(template)
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    extra = [inspect.Parameter(keyword, inspect.Parameter.KEYWORD_ONLY,
+                               default=0 if keyword == "vitos_dilate" else None) for keyword in extra_keywords]
+
+    def method(self, *args, **kwargs):
+        return implementation(self, args, kwargs)
+
+    method.__signature__ = signature.replace(parameters=params[:at] + extra + params[at:])
+    note = "\n\nPatched by vitos_ext (see vitos_ext.patch_model)."
+    method.__doc__ = (template.__doc__ or "") + note
+    method.__name__ = name
+    method.__qualname__ = f"{cls.__name__}.{name}"
+    _WRAPPERS_BY_CLASS[key] = method
+    return method
+
+
+def _forward_for_class(cls: type) -> Any:
+    return _with_signature_of(cls, "forward", _patched_forward, VITOS_ARGUMENTS)
+
+
+def _get_image_features_for_class(cls: type) -> Any:
+    return _with_signature_of(cls, "get_image_features", _patched_get_image_features)
+
+
+def _call_inputs(function: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = inspect.signature(function).bind_partial(*args, **kwargs).arguments
+    nested = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
+    return {name: bound.get(name, nested.get(name)) for name in _CAPTURED_INPUTS}
+
+
+def _patched_forward(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    state = _state_of(model)
+    original = _original(state, "forward")
+    vitos = _pop_vitos_arguments(kwargs)
+    request = _request_for(state)
+    if request is not None:  # a step of our own generate(): record the prefill's inputs for the language-model hook
+        if vitos:
+            raise ValueError("pass vitos_* arguments to generate() itself")
+        if not request.done:
+            request.inputs.update({k: v for k, v in _call_inputs(original, args, kwargs).items() if v is not None})
+        return original(*args, **kwargs)
+    _ensure_language_model_attention(state)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    prefill = cache is None or cache.get_seq_length() == 0
+    if not _wants_request(vitos):
+        if prefill:  # an unpruned prefill: nothing was pruned last
+            model.__dict__["vitos_last_prefill"] = None
+        return original(*args, **kwargs)
+
+    request = _make_request(state, vitos, _call_inputs(original, args, kwargs), in_generate=False)
+    if request.prunes and not prefill:
+        raise ValueError("vitos pruning happens at prefill: it cannot continue from a non-empty cache")
+    _fill_image_inputs(kwargs, request)
+    labels = kwargs.pop("labels", None) if request.prunes else None
+    return_dict = kwargs.get("return_dict")
+    if labels is not None:
+        kwargs["return_dict"] = True
+    model.__dict__["vitos_last_prefill"] = None
+    token = _ACTIVE_REQUEST.set(request)
+    try:
+        output = original(*args, **kwargs)
+    finally:
+        _ACTIVE_REQUEST.reset(token)
+    _check_pruned(request)
+    if labels is not None:
+        output = _with_compacted_loss(model, output, labels, request, kwargs)
+        if return_dict is False:
+            output = output.to_tuple()
+    return output
+
+
+def _check_pruned(request: _Request) -> None:
+    if request.prunes and request.pruned is None:
+        raise RuntimeError("vitos_ext: the language-model hook never saw the prefill, nothing was pruned "
+                           "(is the model's language model called as model.model.language_model?)")
+
+
+def _with_compacted_loss(model, output, labels, request: _Request, kwargs: dict[str, Any]):
+    """The causal-LM loss over the compacted sequence (labels gathered like the tokens, -100 at padding)."""
+    if request.pruned is not None:
+        labels = compact_token_values(labels, request.pruned, -100)
+    loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+    vocab_size = model.config.get_text_config().vocab_size
+    loss = model.loss_function(logits=output.logits, labels=labels, vocab_size=vocab_size, **loss_kwargs)
+    return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+
+
+def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """generate() with the vitos_* arguments (see patch_model)."""
+    state = _state_of(model)
+    original = _original(state, "generate")
+    vitos = _pop_vitos_arguments(kwargs)
+    model.__dict__["vitos_last_prefill"] = None
+    _ensure_language_model_attention(state)
+    if not _wants_request(vitos):
+        return original(*args, **kwargs)
+    _check_generation_mode(model, kwargs)
+    inputs = {name: kwargs.get(name) for name in _CAPTURED_INPUTS}
+    if inputs["input_ids"] is None:
+        inputs["input_ids"] = args[0] if args else kwargs.get("inputs")
+    request = _make_request(state, vitos, inputs, in_generate=True)
+    _fill_image_inputs(kwargs, request)
+    token = _ACTIVE_REQUEST.set(request)
+    try:
+        output = original(*args, **kwargs)
+    finally:
+        _ACTIVE_REQUEST.reset(token)
+    _check_pruned(request)
+    return output
+
+
+def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    config = kwargs.get("generation_config") or model.generation_config
+    for name in ("num_beams", "num_return_sequences"):
+        value = kwargs.get(name, getattr(config, name, 1)) or 1
+        if value > 1:
+            raise ValueError(f"vitos pruning supports one sequence per prompt ({name}={value}); repeat the prompts "
+                             "in the batch instead (each row is pruned independently)")
+    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+        raise ValueError("vitos pruning does not support assisted / speculative decoding")
+    if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)):
+        raise ValueError("vitos pruning needs the whole prompt in one prefill (prefill_chunk_size must be None)")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("vitos pruning cannot continue from a non-empty cache: prune at the first prefill")
+
+
+def _patched_update_model_kwargs(model: torch.nn.Module, outputs: Any, model_kwargs: dict[str, Any],
+                                 *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """After the pruned prefill, make generate()'s bookkeeping describe the compacted cache."""
+    state = _state_of(model)
+    original = _original(state, "_update_model_kwargs_for_generation")
+    request = _request_for(state)
+    if request is None or not request.generate_kwargs_pending:
+        return original(outputs, model_kwargs, *args, **kwargs)
+    request.generate_kwargs_pending = False
+    pruned = request.pruned
+    model_kwargs["attention_mask"] = pruned.attention_mask
+    if model_kwargs.get("position_ids") is not None:
+        model_kwargs["position_ids"] = pruned.position_ids
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if model_kwargs.get(key) is not None:
+            model_kwargs[key] = compact_token_values(model_kwargs[key], pruned, 0)
+    model_kwargs = original(outputs, model_kwargs, *args, **kwargs)
+    positions = model_kwargs.get("position_ids")
+    if positions is not None:  # transformers continues at last position + 1; ViToS at max original position + 1
+        if positions.dim() == 3 and request.state.adapter.text_position_row and positions.shape[0] == 4:
+            positions[0, :, -1] = pruned.kept_counts
+            positions[1:, :, -1] = pruned.next_position
+        else:
+            positions[..., -1] = pruned.next_position
+    return model_kwargs
+
+
+def _patched_get_image_features(base_model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """get_image_features that serves precomputed ImageFeatures during a request that carries them."""
+    state = base_model.__dict__.get("_vitos_state")
+    request = _request_for(state)
+    if request is not None and request.image_features is not None:
+        request.encoded_rows = request.image_features.num_tokens
+        return request.image_features.output
+    previous = state.previous_image_features if state is not None else None
+    original = previous if previous is not None else type(base_model).get_image_features.__get__(base_model)
+    output = original(*args, **kwargs)
+    if request is not None and hasattr(output, "pooler_output"):
+        request.encoded_rows = state.adapter.feature_rows(output)
+    return output
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pruning hook on the language model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _language_model_pre_hook(state: _PatchState, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
+    """forward pre-hook (with kwargs) of the language model: prune the prefill of an active request."""
+    request = _request_for(state)
+    if request is None or request.done or not request.prunes:
+        return None
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and cache.get_seq_length() > 0:
+        return None
+    request.done = True
+    if args:
+        raise RuntimeError("vitos_ext expects the language model to be called with keyword arguments")
+    _prune_language_model_inputs(state, request, kwargs)
+    return args, kwargs
+
+
+def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: dict[str, Any]) -> None:
+    """Replace the language model's prefill inputs (in `kwargs`) by the compacted, left-padded batch."""
+    model, adapter = state.model, state.adapter
+    inputs_embeds = kwargs.get("inputs_embeds")
+    input_ids = request.inputs.get("input_ids")
+    if inputs_embeds is None or input_ids is None or input_ids.shape != inputs_embeds.shape[:2]:
+        raise ValueError("token pruning needs the whole prompt (input_ids and its embeddings) in one prefill")
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+        raise ValueError("token pruning needs a 2-D attention mask (a dynamic cache); prebuilt 4-D masks / static "
+                         "caches are not supported")
+    visual_mask = input_ids == adapter.image_token_id(model)
+    keep, fuse = _visual_keep_and_fuse(state, request, visual_mask)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:  # what the language model would use itself
+        position_ids = torch.arange(input_ids.shape[1], device=inputs_embeds.device).expand(input_ids.shape)
+    text_row = adapter.text_position_row and position_ids.dim() == 3 and position_ids.shape[0] == 4
+    # transformers already checked that image tokens and features agree: no count re-validation (no read-back)
+    pruned = prune_padded_batch(inputs_embeds, attention_mask, position_ids, visual_mask, keep, fuse,
+                                text_position_row=text_row, validate=False)
+    kwargs.update(inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask,
+                  position_ids=pruned.position_ids)
+    adapter.adjust_language_model_kwargs(kwargs, pruned)
+    if pruned.position_ids.dim() == 2 and _packs_by_position(adapter.language_model(model).config):
+        kwargs.update(_explicit_sequence_bounds(pruned))
+    adapter.set_rope_deltas(model, pruned)
+    request.pruned = pruned
+    request.generate_kwargs_pending = request.in_generate
+    model.__dict__["vitos_last_prefill"] = pruned.without_embeddings()
+
+
+def _visual_keep_and_fuse(state: _PatchState, request: _Request, visual_mask: torch.Tensor):
+    """(keep bool [N], fusion map int64 [N] or None) over the batch's N visual tokens."""
+    num_visual = request.encoded_rows
+    if num_visual is None:
+        num_visual = int(visual_mask.sum())  # features handed to transformers directly: one read-back
+    grid_thw, merge_size = state.adapter.visual_grid(state.model, request.inputs, num_visual)
+    if request.keep is not None:
+        keep = validate_keep(request.keep, num_visual, visual_mask.device)
+    else:
+        keep = keep_mask_from_boxes(request.boxes, grid_thw, merge_size, request.dilate, num_tokens=num_visual)
+    return keep, resolve_fusion(request.fuse, keep, grid_thw, merge_size)
+
+
+def _explicit_sequence_bounds(pruned: PrunedBatch) -> dict[str, Any]:
+    """FlashAttention-style kernels read non-consecutive 1-D positions as packed sequences when nothing is padded;
+    pruned positions have gaps, so state the (one per row) sequence boundaries explicitly."""
+    batch, new_length = pruned.attention_mask.shape
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=pruned.attention_mask.device) * new_length
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=new_length, max_length_k=new_length)
+
+
+def _packs_by_position(config: Any) -> bool:
+    implementation = str(getattr(config, "_attn_implementation", "") or "")
+    return "flash" in implementation or implementation == "vitos_varlen"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# class-level patching (before loading)
+# ----------------------------------------------------------------------------------------------------------
+
+_CLASS_PATCHES: dict[type, dict[str, Any]] = {}
+
+
+def apply_to_classes(adapter: VLMAdapter, attention: str = "auto") -> None:
+    """Patch a family's model classes so that every instance constructed afterwards (from_pretrained,
+    _from_config, ...) is patch_model'ed right after its __init__. Idempotent (a new `attention` replaces the old)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    for cls in adapter.model_classes():
+        if cls in _CLASS_PATCHES:
+            _CLASS_PATCHES[cls]["attention"] = attention
+            continue
+        original_init = cls.__dict__.get("__init__", cls.__init__)
+        _CLASS_PATCHES[cls] = {"init": original_init, "attention": attention,
+                               "had_own_init": "__init__" in cls.__dict__}
+
+        @functools.wraps(original_init)
+        def __init__(self, *args, _vitos_cls=cls, _vitos_init=original_init, **kwargs):
+            _vitos_init(self, *args, **kwargs)
+            patch = _CLASS_PATCHES.get(_vitos_cls)
+            if patch is not None and not is_patched(self):
+                patch_model(self, patch["attention"])
+
+        cls.__init__ = __init__
+
+
+def revert_classes(adapter: VLMAdapter) -> None:
+    """Undo apply_to_classes for a family (instances created meanwhile stay patched: use unpatch_model)."""
+    for cls in adapter.model_classes():
+        patch = _CLASS_PATCHES.pop(cls, None)
+        if patch is None:
+            continue
+        if patch["had_own_init"]:
+            cls.__init__ = patch["init"]
+        else:
+            del cls.__init__
+
+
