@@ -1,6 +1,7 @@
 """vitos_ext: fast token-sparse reasoning for vision-language models (ViToS).
 
-Ops: region_to_patch_mask (boxes -> visual-token mask), compact_tokens (drop/fuse tokens of packed sequences).
+Ops: region_to_patch_mask (boxes -> visual-token mask), compact_tokens (drop/fuse tokens of packed sequences),
+varlen_attention (ragged flash attention, Triton on GPU; register_hf_attention() adds it to transformers).
 Models: patch_model / unpatch_model (token-sparse forward and generate for HF Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA).
 """
 
@@ -11,7 +12,9 @@ from .models.llava import apply_vitos_to_llava, revert_vitos_to_llava
 from .models.qwen2_5_vl import apply_vitos_to_qwen2_5_vl, revert_vitos_to_qwen2_5_vl
 from .models.qwen2_vl import apply_vitos_to_qwen2_vl, revert_vitos_to_qwen2_vl
 from .models.qwen3_vl import apply_vitos_to_qwen3_vl, revert_vitos_to_qwen3_vl
+from .hf_attention import HF_ATTENTION_NAME, register_hf_attention
 from .ops import Compacted, compact_tokens, region_to_patch_mask
+from .ops.attention import varlen_attention
 from .patching import ImageFeatures, encode_images, is_patched, patch_model, unpatch_model
 from .sparsity import (
     PrunedBatch,
@@ -28,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Compacted",
+    "HF_ATTENTION_NAME",
     "ImageFeatures",
     "PrunedBatch",
     "apply_vitos_to_llava",
@@ -47,6 +51,7 @@ __all__ = [
     "prune_packed",
     "prune_padded_batch",
     "reference",
+    "register_hf_attention",
     "region_to_patch_mask",
     "resolve_fusion",
     "revert_vitos_to_llava",
@@ -55,4 +60,5 @@ __all__ = [
     "revert_vitos_to_qwen3_vl",
     "supported_model_names",
     "unpatch_model",
+    "varlen_attention",
 ]

@@ -1,6 +1,6 @@
 """Plain-PyTorch references of every vitos_ext op.
 
-These follow ../DESIGN.md's op semantics literally (per-image and per-row loops where that is clearer) and are the
+These follow the op semantics (README, "Ops") literally (per-image and per-row loops where that is clearer) and are the
 ground truth the C++/CUDA/Triton kernels are tested against. They are also the "eager" baselines in the benchmarks.
 """
 
@@ -111,3 +111,98 @@ def _fuse_reference(hidden, keep, fuse_into, kept_index):
     count = torch.ones(kept_index.numel(), dtype=acc_dtype, device=hidden.device)
     count.index_add_(0, targets, torch.ones_like(targets, dtype=acc_dtype))
     return (acc / count[:, None]).to(hidden.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# varlen_attention: loops over sequences, so memory stays O(max(lq * lk) * H) instead of O(Tq * Tk * H).
+def _sequence_bounds(cu_seqlens: torch.Tensor, total: int, name: str) -> list[int]:
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if not bounds or bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"{name} must start at 0, be non-decreasing and end at the number of rows ({total}); "
+                         f"got {bounds[:8]}{'...' if len(bounds) > 8 else ''}")
+    return bounds
+
+
+def _attend_one_sequence(q, k, v, causal: bool, scale: float):
+    """q [lq, Hq, D], k/v [lk, Hk, D] in the compute dtype -> out [lq, Hq, D], lse [Hq, lq]."""
+    lq, num_heads_q, head_dim = q.shape
+    lk, num_heads_k, _ = k.shape
+    group = num_heads_q // num_heads_k
+    if lk == 0:  # nothing to attend to: zero output, lse = +inf (FlashAttention's convention)
+        return q.new_zeros(q.shape), q.new_full((num_heads_q, lq), math.inf)
+    # GQA by broadcasting [Hk, G, lq, D] against [Hk, 1, lk, D]; K/V are not repeated
+    qh = q.permute(1, 0, 2).reshape(num_heads_k, group, lq, head_dim)
+    kh = k.permute(1, 0, 2).unsqueeze(1)
+    vh = v.permute(1, 0, 2).unsqueeze(1)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if causal:  # bottom-right aligned: query i sees keys j <= i + lk - lq
+        rows = torch.arange(lq, device=q.device)[:, None]
+        cols = torch.arange(lk, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows + (lk - lq), -math.inf)
+    # the max only stabilises exp(); detaching it leaves the value and the gradient unchanged
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)
+    row_sum = probs.sum(dim=-1, keepdim=True)
+    sees_keys = row_sum > 0
+    out = torch.matmul(probs, vh) / torch.where(sees_keys, row_sum, torch.ones_like(row_sum))
+    lse = torch.where(sees_keys, torch.log(row_sum.detach()) + row_max, torch.full_like(row_sum, math.inf))
+    out = out.reshape(num_heads_q, lq, head_dim).permute(1, 0, 2)
+    return out, lse.reshape(num_heads_q, lq)
+
+
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    *,
+    return_lse: bool = False,
+):
+    """Variable-length (GQA) attention in plain PyTorch, differentiable through autograd.
+
+    Args:
+        q: [Tq, Hq, D] packed queries (any floating dtype). k, v: [Tk, Hk, D], Hq % Hk == 0.
+        cu_seqlens_q, cu_seqlens_k: integer [B+1] cumulative sequence starts (first 0, last Tq / Tk).
+        max_seqlen_q, max_seqlen_k: accepted for signature parity with the kernels (not needed here).
+        causal: bottom-right aligned causal mask (query i of a sequence sees keys j <= i + lk - lq).
+        softmax_scale: defaults to 1/sqrt(D).
+        return_lse: also return the log-sum-exp float [Hq, Tq] (detached; +inf where a row sees no key).
+    Returns:
+        out [Tq, Hq, D] in q.dtype, computed in float32 (float64 if the inputs are float64). Rows that see no
+        key (causal with lq > lk, or lk == 0) are 0; zero-length sequences are valid.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [tokens, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[2] != k.shape[2] or k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "need k.shape == v.shape, equal head dims and Hq % Hk == 0")
+    bounds_q = _sequence_bounds(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    bounds_k = _sequence_bounds(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if len(bounds_q) != len(bounds_k):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (B+1)")
+    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    outs, lses = [], []
+    for b in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        if q1 == q0:
+            continue
+        out, lse = _attend_one_sequence(q[q0:q1].to(compute_dtype), k[k0:k1].to(compute_dtype),
+                                        v[k0:k1].to(compute_dtype), causal, scale)
+        outs.append(out)
+        lses.append(lse)
+    if outs:
+        out = torch.cat(outs, dim=0).to(q.dtype)
+        lse = torch.cat(lses, dim=1).float().detach()
+    else:  # keep the graph connected so backward through an all-empty batch still works
+        out = (q * 0).to(q.dtype)
+        lse = q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    return (out, lse) if return_lse else out

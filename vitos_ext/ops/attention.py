@@ -8,11 +8,12 @@ Backends
                  this raises NotImplementedError.
     "torch"      PyTorch's own kernels: torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16) when the installed
                  torch has it, otherwise scaled_dot_product_attention per sequence.
-    "reference"  vitos_ext.reference_attention.varlen_attention_reference (float32 math, autograd).
+    "reference"  vitos_ext.reference.varlen_attention_reference (float32 math, autograd).
 
 The Triton path is two torch.library ops, vitos::varlen_attention_fwd (returns out and the log-sum-exp) and
-vitos::varlen_attention_bwd, registered with torch.library.triton_op so torch.compile traces into the kernels;
-autograd saves the log-sum-exp instead of the attention matrix.
+vitos::varlen_attention_bwd, registered with torch.library.triton_op so torch.compile traces into the kernels
+(under TRITON_INTERPRET, where kernels cannot be traced, as custom_op + register_fake); register_autograd saves
+the log-sum-exp, never the attention matrix.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vitos_ext.reference_attention import varlen_attention_reference
+from vitos_ext.reference import varlen_attention_reference
 
 try:
     from vitos_ext.kernels import flash_attn_varlen as _kernels
@@ -33,7 +34,7 @@ except ImportError:  # triton is not installed: only the reference and torch bac
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
-except ImportError:  # torch < 2.10
+except ImportError:  # older torch without torch.nn.attention.varlen
     _torch_varlen_attn = None
 
 __all__ = ["varlen_attention", "BACKENDS", "triton_available"]
@@ -120,7 +121,7 @@ def _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_s
             raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sequence in {name} ({longest})")
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, num_sequences: int) -> str:
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cuda":
@@ -131,8 +132,7 @@ def _resolve_backend(backend: str, q: torch.Tensor, num_sequences: int) -> str:
         return backend
     if q.device.type != "cuda":
         return "reference"
-    if (_kernels is not None and q.dtype in _TRITON_DTYPES and _kernels.head_dim_is_supported(q.shape[2])
-            and max(q.shape[1], num_sequences) <= _kernels.MAX_GRID_SEQUENCES):
+    if _kernels is not None and q.dtype in _TRITON_DTYPES and _kernels.head_dim_is_supported(q.shape[2]):
         return "triton"
     return "torch"
 
@@ -147,9 +147,9 @@ def _check_triton_inputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) -> None
     if not _kernels.head_dim_is_supported(q.shape[2]):
         raise ValueError(f"backend='triton' supports head_dim 16..{_kernels.MAX_HEAD_DIM} in steps of 8 "
                          f"(64, 80, 96, 128, ...), got head_dim={q.shape[2]}")
-    if cu_seqlens_q.numel() - 1 > _kernels.MAX_GRID_SEQUENCES or q.shape[1] > _kernels.MAX_GRID_SEQUENCES:
-        raise ValueError(f"backend='triton' handles at most {_kernels.MAX_GRID_SEQUENCES} sequences and heads "
-                         "per call; split the batch")
+    if max(max_seqlen_q, max_seqlen_k) > _kernels.MAX_SEQLEN:
+        raise ValueError(f"backend='triton' handles sequences of up to {_kernels.MAX_SEQLEN} tokens, got "
+                         f"max_seqlen_q={max_seqlen_q}, max_seqlen_k={max_seqlen_k}")
     # in-sequence offsets are 32-bit in the kernels
     row_elems = q.shape[1] * q.shape[2]
     if (max(max_seqlen_q, max_seqlen_k) + 256) * max(row_elems, k.shape[1] * k.shape[2]) > _INT32_MAX:
@@ -335,7 +335,7 @@ def varlen_attention(
         _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
     causal = bool(causal)
-    resolved = _resolve_backend(backend, q, cu_seqlens_q.numel() - 1)
+    resolved = _resolve_backend(backend, q)
     if resolved == "triton":
         _check_triton_inputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
         out, _ = torch.ops.vitos.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

@@ -1,0 +1,281 @@
+"""attn_implementation="vitos_varlen" in transformers: same logits / tokens as "eager" on tiny random models.
+
+Models are built offline from configs (no download). Padding positions are excluded from logit comparisons:
+eager attends padded query rows to garbage, varlen attention returns 0 there, and neither is used downstream.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+from vitos_ext.hf_attention import (  # noqa: E402
+    HF_ATTENTION_NAME,
+    register_hf_attention,
+    vitos_varlen_attention_forward,
+    vitos_varlen_mask,
+)
+from vitos_ext.ops.attention import triton_available  # noqa: E402
+
+BOS, EOS, PAD = 0, 1, 2
+IMAGE, VIDEO, VISION_START, VISION_END = 100, 101, 102, 103
+HF_BACKENDS = ["reference"] + (["triton"] if triton_available("cpu") else [])
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _registered():
+    register_hf_attention()
+    yield
+    register_hf_attention()  # restore the default backend for other tests
+
+
+def tiny_qwen2_5_vl() -> Qwen2_5_VLForConditionalGeneration:
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS,
+                pad_token_id=PAD,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    # window_size 112 px = 4x4 merged tokens per window with 14 px patches and merge 2: the 6x4-token image below
+    # is split into windows of different sizes; block 1 is a full-attention block
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, out_hidden_size=64, fullatt_block_indexes=[1])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                              vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, bos_token_id=BOS,
+                              eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+
+
+def left_padded_vl_batch():
+    """Two prompts with one image each (grids 1x12x8 and 1x8x8 patches -> 24 and 16 tokens), left-padded."""
+    grid_thw = torch.tensor([[1, 12, 8], [1, 8, 8]])
+    gen = torch.Generator().manual_seed(1)
+    pixel_values = torch.randn(int(grid_thw.prod(dim=1).sum()), 3 * 2 * 14 * 14, generator=gen)
+    prompts = [
+        [BOS, 5, 6, 7, VISION_START] + [IMAGE] * 24 + [VISION_END, 8, 9, 10, 11, 12],
+        [BOS, 13, VISION_START] + [IMAGE] * 16 + [VISION_END, 14, 15],
+    ]
+    length = max(map(len, prompts))
+    input_ids = torch.full((2, length), PAD)
+    attention_mask = torch.zeros(2, length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt):] = torch.tensor(prompt)
+        attention_mask[row, length - len(prompt):] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                image_grid_thw=grid_thw, mm_token_type_ids=(input_ids == IMAGE).int())
+
+
+@pytest.fixture(scope="module")
+def vl_model():
+    return tiny_qwen2_5_vl()
+
+
+def _with_attention(model, name):
+    model.set_attn_implementation(name)
+    assert model.config.vision_config._attn_implementation == name
+    return model
+
+
+@pytest.mark.parametrize("backend", HF_BACKENDS)
+def test_qwen2_5_vl_logits_match_eager_on_left_padded_batch(vl_model, backend):
+    inputs = left_padded_vl_batch()
+    with torch.no_grad():
+        want = _with_attention(vl_model, "eager")(**inputs).logits
+        register_hf_attention(backend=backend)
+        got = _with_attention(vl_model, HF_ATTENTION_NAME)(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    assert (inputs["attention_mask"] == 0).any(), "the batch must be padded"
+    torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("backend", HF_BACKENDS)
+def test_qwen2_5_vl_greedy_generation_matches_eager(vl_model, backend):
+    """Prefill with padding, then single-token decode steps against the KV cache (lq=1 < lk)."""
+    inputs = left_padded_vl_batch()
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = _with_attention(vl_model, "eager").generate(**inputs, **kwargs)
+        register_hf_attention(backend=backend)
+        got = _with_attention(vl_model, HF_ATTENTION_NAME).generate(**inputs, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for step_got, step_want in zip(got.logits, want.logits):
+        torch.testing.assert_close(step_got, step_want, rtol=0, atol=TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# packed batches and direct calls (tiny Qwen2 text model)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm():
+    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def _separate_logits(lm, sequences):
+    lm.set_attn_implementation("eager")
+    with torch.no_grad():
+        return torch.cat([lm(input_ids=torch.tensor([s])).logits[0] for s in sequences])
+
+
+PACKED = [[BOS, 5, 9, 14, 3, 7, 21], [BOS, 40], [BOS, 8, 8, 30, 31]]
+
+
+def test_packed_by_position_ids_matches_separate_sequences(lm):
+    want = _separate_logits(lm, PACKED)
+    input_ids = torch.tensor([sum(PACKED, [])])
+    position_ids = torch.tensor([sum((list(range(len(s))) for s in PACKED), [])])
+    lm.set_attn_implementation(HF_ATTENTION_NAME)
+    with torch.no_grad():
+        got = lm(input_ids=input_ids, position_ids=position_ids).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+def test_packed_by_cu_seq_lens_matches_separate_sequences(lm):
+    want = _separate_logits(lm, PACKED)
+    lengths = torch.tensor([len(s) for s in PACKED])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
+    position_ids = torch.tensor([sum((list(range(len(s))) for s in PACKED), [])])
+    lm.set_attn_implementation(HF_ATTENTION_NAME)
+    with torch.no_grad():
+        got = lm(input_ids=torch.tensor([sum(PACKED, [])]), position_ids=position_ids, cu_seq_lens_q=cu,
+                 cu_seq_lens_k=cu, max_length_q=int(lengths.max()), max_length_k=int(lengths.max())).logits[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    layer_idx = 0
+
+    def __init__(self, attn_implementation):
+        super().__init__()
+        self.config = Qwen2Config(attn_implementation=attn_implementation)
+
+
+def _sdpa_with_mask(query, key, value, allowed):
+    group = query.shape[1] // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=allowed)
+    return out.transpose(1, 2)
+
+
+def test_single_token_decode_with_left_padding():
+    torch.manual_seed(2)
+    batch, len_k, dim = 3, 9, 64
+    query = torch.randn(batch, 4, 1, dim)
+    key, value = torch.randn(batch, 2, len_k, dim), torch.randn(batch, 2, len_k, dim)
+    padding = torch.ones(batch, len_k, dtype=torch.bool)
+    padding[0, :4] = False
+    padding[2, :1] = False
+    mask = vitos_varlen_mask(batch_size=batch, q_length=1, kv_length=len_k, attention_mask=padding)
+    got, weights = vitos_varlen_attention_forward(_Module(HF_ATTENTION_NAME), query, key, value, mask)
+    assert weights is None and got.shape == (batch, 1, 4, dim)
+    want = _sdpa_with_mask(query, key, value, padding[:, None, None, :])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_against_cache_is_bottom_right_causal():
+    torch.manual_seed(3)
+    len_q, len_k, dim = 3, 8, 64
+    query = torch.randn(2, 4, len_q, dim)
+    key, value = torch.randn(2, 4, len_k, dim), torch.randn(2, 4, len_k, dim)
+    got, _ = vitos_varlen_attention_forward(_Module(HF_ATTENTION_NAME), query, key, value, None)
+    allowed = torch.arange(len_k)[None, :] <= torch.arange(len_q)[:, None] + (len_k - len_q)
+    torch.testing.assert_close(got, _sdpa_with_mask(query, key, value, allowed), rtol=0, atol=1e-5)
+
+
+def test_four_d_mask_falls_back_to_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(4)
+    query, key, value = torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64)
+    custom = torch.rand(1, 1, 5, 5) > 0.3
+    custom[..., 0] = True
+    module = _Module(HF_ATTENTION_NAME)
+    got, _ = vitos_varlen_attention_forward(module, query, key, value, custom)
+    want, _ = sdpa_attention_forward(module, query, key, value, custom)
+    torch.testing.assert_close(got, want)
+
+
+def test_unsupported_features_raise():
+    query = key = value = torch.randn(1, 2, 4, 64)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        vitos_varlen_attention_forward(_Module(HF_ATTENTION_NAME), query, key, value, None, sliding_window=2)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        vitos_varlen_attention_forward(_Module(HF_ATTENTION_NAME), query, key, value, None, dropout=0.1)
+
+
+def test_mask_function_returns_padding_mask_or_none():
+    full = torch.ones(2, 6, dtype=torch.bool)
+    assert vitos_varlen_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=full) is None
+    assert vitos_varlen_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=None) is None
+    padded = full.clone()
+    padded[1, :3] = False
+    got = vitos_varlen_mask(batch_size=2, q_length=1, kv_length=4, attention_mask=padded.long())
+    assert got.dtype == torch.bool and torch.equal(got, padded[:, -4:])
+    # padding that lies outside the last kv_length columns does not matter
+    assert vitos_varlen_mask(batch_size=2, q_length=1, kv_length=3, attention_mask=padded) is None
+
+
+def test_registration_is_idempotent_and_validated():
+    assert register_hf_attention() == register_hf_attention() == HF_ATTENTION_NAME
+    assert ALL_ATTENTION_FUNCTIONS[HF_ATTENTION_NAME] is vitos_varlen_attention_forward
+    assert ALL_MASK_ATTENTION_FUNCTIONS[HF_ATTENTION_NAME] is vitos_varlen_mask
+    with pytest.raises(ValueError, match="backend"):
+        register_hf_attention(backend="nope")
+
+
+@pytest.mark.parametrize("backend", HF_BACKENDS)
+def test_training_gradients_match_eager_on_left_padded_batch(lm, backend):
+    """Backward through unpad -> varlen attention -> pad back (the Triton backward kernels on that backend)."""
+    input_ids = torch.tensor([[PAD, PAD, PAD, BOS, 7, 9, 11, 4], [BOS, 3, 5, 8, 13, 21, 34, 55]])
+    attention_mask = (input_ids != PAD).long()
+    # a label is predicted from the previous position: the first real token of a left-padded row is predicted
+    # from a padding row (whose output is arbitrary in eager and 0 here), so it is excluded like the padding
+    predicted_from_padding = torch.nn.functional.pad(attention_mask[:, :-1], (1, 0)) == 0
+    labels = input_ids.masked_fill(predicted_from_padding, -100)
+
+    def parameter_grads(name):
+        lm.set_attn_implementation(name)
+        lm.zero_grad(set_to_none=True)
+        lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+    want = parameter_grads("eager")
+    register_hf_attention(backend=backend)
+    got = parameter_grads(HF_ATTENTION_NAME)
+    lm.zero_grad(set_to_none=True)
+    assert got.keys() == want.keys() and any("self_attn.q_proj" in n for n in got)
+    for name in want:
+        err = ((got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-12)).item()
+        assert err <= TOL, f"{name}: relative gradient error {err:.3g}"
+
+
+def test_vision_windows_in_one_call_match_per_window_loop():
+    """The call Qwen2.5-VL's vision attention makes when it passes cu_seqlens (one varlen call per layer)."""
+    torch.manual_seed(5)
+    windows = [16, 16, 8, 16, 4]
+    query, key, value = (torch.randn(1, 2, sum(windows), 80) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(windows).cumsum(0).tolist()], dtype=torch.int32)
+    module = _Module(HF_ATTENTION_NAME)
+    got, _ = vitos_varlen_attention_forward(module, query, key, value, None, scaling=0.1, is_causal=False,
+                                            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=16, max_length_k=16)
+    splits = [t.split(windows, dim=2) for t in (query, key, value)]
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.1).transpose(1, 2)
+                      for q, k, v in zip(*splits)], dim=1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -1,0 +1,184 @@
+"""Hugging Face transformers attention backend "vitos_varlen" backed by vitos_ext.varlen_attention.
+
+    import vitos_ext
+    vitos_ext.register_hf_attention()
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="vitos_varlen")
+
+What the attention function handles (the cases FlashAttention-2 handles in transformers):
+- padded batches: the registered mask function hands over the 2-D padding mask (or None when nothing is padded);
+  queries/keys are unpadded, attended as packed sequences and padded back (padding rows come back as 0);
+- packed batches: `cu_seq_lens_q/k` + `max_length_q/k` kwargs (e.g. from DataCollatorWithFlattening or a vision
+  tower), or 2-D position ids that restart (a new sequence starts wherever position != previous + 1);
+- decode / chunked prefill against a KV cache: lq < lk with bottom-right causal alignment.
+Custom 4-D masks fall back to transformers' SDPA function. Dropout, sliding windows, logit soft-capping and
+attention sinks are not supported and raise.
+
+Model-agnostic on purpose: one varlen call per *layer* for Qwen2.5-VL's windowed vision attention needs the
+vision attention module to pass its cu_seqlens (transformers only does that for names containing "flash"); that
+patch belongs in vitos_ext/models/.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from vitos_ext.ops.attention import BACKENDS, varlen_attention
+
+__all__ = ["HF_ATTENTION_NAME", "register_hf_attention", "vitos_varlen_attention_forward", "vitos_varlen_mask"]
+
+HF_ATTENTION_NAME = "vitos_varlen"
+logger = logging.getLogger(__name__)
+_settings = {"backend": "auto"}
+
+
+def register_hf_attention(backend: str = "auto", name: str = HF_ATTENTION_NAME) -> str:
+    """Register `name` (default "vitos_varlen") in transformers' AttentionInterface and AttentionMaskInterface.
+
+    Idempotent: registering again just re-installs the same functions (and updates `backend`, one of
+    vitos_ext.ops.attention.BACKENDS, used by every model that runs with this attention). Returns `name`, for
+    `attn_implementation=` (or `model.set_attn_implementation(name)`).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    _settings["backend"] = backend
+    AttentionInterface.register(name, vitos_varlen_attention_forward)
+    AttentionMaskInterface.register(name, vitos_varlen_mask)
+    return name
+
+
+def vitos_varlen_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, **kwargs):
+    """Mask function for AttentionMaskInterface: the 2-D boolean padding mask [B, kv_length], or None if there
+    is no padding (causality is applied inside the kernel, bottom-right aligned, so no 4-D mask is built)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        return attention_mask
+    if kv_length is not None:
+        attention_mask = attention_mask[:, -kv_length:]
+    attention_mask = attention_mask.bool()
+    if (kv_length is None or attention_mask.shape[1] == kv_length) and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# unpad / pack helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _unpad(x: torch.Tensor, mask: torch.Tensor):
+    """x [B, L, H, D], mask bool [B, L] -> rows [N, H, D], row indices [N], cu_seqlens int32 [B+1]."""
+    indices = mask.reshape(-1).nonzero().squeeze(1)
+    rows = x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+    return rows, indices, _cu_seqlens_from_lengths(mask.sum(dim=1, dtype=torch.int32))
+
+
+def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """cu_seqlens of sequences packed along each row (positions restarting), or None when nothing is packed.
+
+    Same rule as transformers' find_packed_sequence_indices: a new sequence starts where position != previous + 1.
+    Reads the positions on the host (one small sync), as FlashAttention-2's integration does.
+    """
+    if position_ids is None or position_ids.dim() != 2 or length <= 1:
+        return None
+    position_ids = position_ids.expand(batch, -1)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    start_rows = starts.reshape(-1).nonzero().squeeze(1).to(torch.int32)
+    return torch.cat([start_rows, start_rows.new_tensor([batch * length])])
+
+
+def _as_int32(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    return cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+
+
+def _reject_unsupported(module, dropout, sliding_window, softcap, kwargs) -> None:
+    if dropout and dropout > 0.0:
+        raise NotImplementedError(f"{HF_ATTENTION_NAME} attention does not implement attention dropout "
+                                  f"(got dropout={dropout}); set the model's attention_dropout to 0")
+    if sliding_window is not None:
+        raise NotImplementedError(f"{HF_ATTENTION_NAME} attention does not implement sliding-window attention "
+                                  f"(layer {getattr(module, 'layer_idx', '?')} asks for window {sliding_window})")
+    if softcap is not None:
+        raise NotImplementedError(f"{HF_ATTENTION_NAME} attention does not implement logit soft-capping")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{HF_ATTENTION_NAME} attention does not implement attention sinks (s_aux)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the attention function
+# ----------------------------------------------------------------------------------------------------------
+
+
+def vitos_varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query [B, Hq, Lq, D], key/value [B, Hk, Lk, D] -> ([B, Lq, Hq, D], None).
+
+    attention_mask: None, or the bool [B, Lk] padding mask from vitos_varlen_mask (a 4-D mask falls back to SDPA).
+    kwargs may carry cu_seq_lens_q/k + max_length_q/k (packed rows) or position_ids [B, L] (packed if restarting).
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        logger.debug("%s: custom 4-D mask, falling back to SDPA", HF_ATTENTION_NAME)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    _reject_unsupported(module, dropout, sliding_window, softcap, kwargs)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    batch, _, len_q, _ = query.shape
+    len_k = key.shape[2]
+    q = query.transpose(1, 2)  # [B, L, H, D], FlashAttention's layout
+    k = key.transpose(1, 2).to(query.dtype)
+    v = value.transpose(1, 2).to(query.dtype)
+    call = dict(causal=causal, softmax_scale=scaling, backend=_settings["backend"])
+
+    if attention_mask is not None:  # padded batch: unpad -> varlen -> pad back
+        mask_k = attention_mask[:, -len_k:].bool()
+        k_rows, indices_k, cu_k = _unpad(k, mask_k)
+        v_rows = v.reshape(-1, *v.shape[2:]).index_select(0, indices_k)
+        q_rows, indices_q, cu_q = _unpad(q, attention_mask[:, -len_q:].bool())
+        out_rows = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, len_q, len_k, check_values=False, **call)
+        out = out_rows.new_zeros((batch * len_q, *out_rows.shape[1:])).index_put((indices_q,), out_rows)
+        return out.view(batch, len_q, *out.shape[1:]), None
+
+    q_rows = q.reshape(-1, *q.shape[2:])
+    k_rows = k.reshape(-1, *k.shape[2:])
+    v_rows = v.reshape(-1, *v.shape[2:])
+    packed = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if all(x is not None for x in packed):  # caller-provided packing: validated
+        cu_q, cu_k, max_q, max_k = packed
+        out = varlen_attention(q_rows, k_rows, v_rows, _as_int32(cu_q), _as_int32(cu_k), int(max_q), int(max_k),
+                               **call)
+        return out.view(batch, len_q, *out.shape[1:]), None
+
+    cu = _packed_cu_seqlens(kwargs.get("position_ids"), batch, len_q) if len_q == len_k else None
+    if cu is not None:  # sequences packed along rows, found from restarting positions
+        out = varlen_attention(q_rows, k_rows, v_rows, cu, cu, len_q, len_k, check_values=False, **call)
+    else:  # B equal-length rows; lq < lk is decode / chunked prefill against a cache
+        row_starts = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
+        cu_q, cu_k = row_starts * len_q, row_starts * len_k
+        out = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, len_q, len_k, check_values=False, **call)
+    return out.view(batch, len_q, *out.shape[1:]), None
