@@ -3,6 +3,7 @@
 Ops: region_to_patch_mask (boxes -> visual-token mask), compact_tokens (drop/fuse tokens of packed sequences),
 varlen_attention (ragged flash attention, Triton on GPU; register_hf_attention() adds it to transformers).
 Models: patch_model / unpatch_model (token-sparse forward and generate for HF Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA).
+Pipeline: ViToSPipeline (pass 1 grounds evidence boxes, pass 2 answers with only the visual tokens inside them).
 """
 
 from . import reference
@@ -16,6 +17,7 @@ from .hf_attention import HF_ATTENTION_NAME, register_hf_attention
 from .ops import Compacted, compact_tokens, region_to_patch_mask
 from .ops.attention import varlen_attention
 from .patching import ImageFeatures, encode_images, is_patched, patch_model, unpatch_model
+from .pipeline import DEFAULT_GROUNDING_PROMPT, PIPELINE_STAGES, PipelineFlags, ViToSPipeline, ViToSResult
 from .sparsity import (
     PrunedBatch,
     compact_token_values,
@@ -31,9 +33,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Compacted",
+    "DEFAULT_GROUNDING_PROMPT",
     "HF_ATTENTION_NAME",
     "ImageFeatures",
+    "PIPELINE_STAGES",
+    "PipelineFlags",
     "PrunedBatch",
+    "ViToSPipeline",
+    "ViToSResult",
     "apply_vitos_to_llava",
     "apply_vitos_to_qwen2_5_vl",
     "apply_vitos_to_qwen2_vl",

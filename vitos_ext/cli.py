@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     infer.add_argument("--max-new-tokens", type=int, default=256)
     infer.add_argument("--dilate", type=int, default=0, help="grow the kept region by this many tokens")
+    infer.add_argument("--fuse", action="store_true", help="fuse each dropped visual token into the nearest kept one")
+    infer.add_argument("--attention", default="auto", choices=["auto", "varlen", "model"],
+                       help="route attention through vitos varlen kernels (auto: on CUDA only)")
+    infer.add_argument("--system-prompt", default=None)
+    infer.add_argument("--grounding-prompt", default=None, help="pass-1 instruction (default: the ViToS one)")
+    infer.add_argument("--answer-prompt", default=None, help="pass-2 instruction (default: same prompt as pass 1)")
     infer.add_argument("--json", action="store_true", help="print the result as JSON")
     infer.set_defaults(run=_infer)
 
