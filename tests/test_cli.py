@@ -169,3 +169,14 @@ def test_infer_errors_are_clear(offline, checkpoint, images, capsys):
     if not torch.cuda.is_available():
         assert "CUDA is not available" in error_of("--model", str(checkpoint), "--image", images["png"], *base,
                                                    "--device", "cuda")
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_self_parsing_subcommands_receive_their_options(command, capsys):
+    """`vitos-ext train/eval --flag ...` reaches the subcommand's own parser (argparse REMAINDER would refuse it)."""
+    from vitos_ext.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: vitos-ext {command}" in capsys.readouterr().out

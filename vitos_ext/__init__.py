@@ -14,6 +14,7 @@ from .models.qwen2_5_vl import apply_vitos_to_qwen2_5_vl, revert_vitos_to_qwen2_
 from .models.qwen2_vl import apply_vitos_to_qwen2_vl, revert_vitos_to_qwen2_vl
 from .models.qwen3_vl import apply_vitos_to_qwen3_vl, revert_vitos_to_qwen3_vl
 from .hf_attention import HF_ATTENTION_NAME, register_hf_attention
+from .integrations.packed import PackedPrunedBatch, prune_packed_batch
 from .ops import Compacted, compact_tokens, region_to_patch_mask
 from .ops.attention import varlen_attention
 from .patching import ImageFeatures, encode_images, is_patched, patch_model, unpatch_model
@@ -37,6 +38,7 @@ __all__ = [
     "HF_ATTENTION_NAME",
     "ImageFeatures",
     "PIPELINE_STAGES",
+    "PackedPrunedBatch",
     "PipelineFlags",
     "PrunedBatch",
     "ViToSPipeline",
@@ -56,6 +58,7 @@ __all__ = [
     "nearest_kept_fusion_map",
     "patch_model",
     "prune_packed",
+    "prune_packed_batch",
     "prune_padded_batch",
     "reference",
     "register_hf_attention",

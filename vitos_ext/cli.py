@@ -76,9 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands that parse their own arguments: argparse cannot hand a REMAINDER that starts with an option through.
+_SELF_PARSING = {"train": lambda argv: _train(argparse.Namespace(rest=argv)),
+                 "eval": lambda argv: _eval(argparse.Namespace(rest=argv))}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vitos-ext` console script."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _SELF_PARSING:
+        return int(_SELF_PARSING[argv[0]](argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
 
