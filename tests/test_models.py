@@ -542,3 +542,26 @@ def test_unsupported_model_lists_the_supported_ones():
         assert name in str(info.value)
     with pytest.raises(ValueError, match="attention must be one of"):
         patching.patch_model(build_model(FAMILIES[0]), attention="flash")
+
+
+def test_packed_sequences_are_refused(family):
+    """Several sequences packed in one row would be compacted as one: a clear error instead of cross-attention."""
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    mask = batch["attention_mask"].bool()
+    packed = {key: value[mask][None] for key, value in batch.items() if key in ("input_ids", "mm_token_type_ids")}
+    packed.update({key: batch[key] for key in ("pixel_values", "image_grid_thw", "image_sizes") if key in batch})
+    restarting = torch.cat([torch.arange(int(n)) for n in mask.sum(1)])[None]
+    positions = restarting if family.is_llava else restarting.expand(3, 1, -1)
+    with pytest.raises(ValueError, match="position_ids restart inside a row"):
+        model(**packed, position_ids=positions, vitos_boxes=BOXES)
+    with pytest.raises(ValueError, match="position_ids restart inside a row"):
+        model.generate(**packed, position_ids=positions, vitos_boxes=BOXES, max_new_tokens=1)
+    bounds = torch.tensor([0, int(mask[0].sum()), int(mask.sum())], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seq_lens_q: .*prune_packed_batch"):
+        model(**packed, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, vitos_boxes=BOXES)
+    # one sequence per row with explicit, non-restarting positions is fine
+    first = select(batch, 0, family, model)
+    steady = torch.arange(first["input_ids"].shape[1])[None]
+    with torch.no_grad():
+        model(**first, position_ids=steady if family.is_llava else steady.expand(3, 1, -1), vitos_boxes=BOXES[:1])

@@ -263,6 +263,7 @@ def test_normalize_and_split_options():
     assert normalize_options({"(a)": "x", "B.": " y "}) == {"A": "x", "B": "y"}
     assert normalize_options(["x", "y"]) == {"A": "x", "B": "y"}
     assert normalize_options(None) == {}
+    assert normalize_options({"A": "x", "B": "y", "E": None}) == {"A": "x", "B": "y"}  # Arrow-padded structs
     with pytest.raises(ValueError, match="options key"):
         normalize_options({"AB": "x"})
     with pytest.raises(ValueError, match="twice"):

@@ -331,8 +331,8 @@ def normalize_options(options) -> dict[str, str]:
     """Options as an ordered ``{"A": text, ...}`` dict.
 
     Args:
-        options: a dict (keys like ``"A"``, ``"(b)"``, ``"C."``), a list/tuple of option texts (lettered A, B, ...),
-            a string with one option per line (``"A. x\\nB. y"``), or None.
+        options: a dict (keys like ``"A"``, ``"(b)"``, ``"C."``; None values are absent options), a list/tuple of
+            option texts (lettered A, B, ...), a string with one option per line (``"A. x\\nB. y"``), or None.
 
     Raises:
         ValueError: ``options`` has another type, a key that is not a single letter, or duplicate letters.
@@ -344,6 +344,8 @@ def normalize_options(options) -> dict[str, str]:
     if isinstance(options, Mapping):
         result = {}
         for key, value in options.items():
+            if value is None:  # absent option (e.g. Arrow pads option structs with nulls)
+                continue
             match = _OPTION_KEY.match(str(key))
             if match is None:
                 raise ValueError(f"options key {key!r} is not a single letter")

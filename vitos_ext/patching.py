@@ -502,6 +502,7 @@ def _patched_forward(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
             model.__dict__["vitos_last_prefill"] = None
         return original(*args, **kwargs)
 
+    _reject_packed_sequences(kwargs)
     request = _make_request(state, vitos, _call_inputs(original, args, kwargs), in_generate=False)
     if request.prunes and not prefill:
         raise ValueError("vitos pruning happens at prefill: it cannot continue from a non-empty cache")
@@ -522,6 +523,29 @@ def _patched_forward(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
         if return_dict is False:
             output = output.to_tuple()
     return output
+
+
+_PACKED_SEQUENCE_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens")
+
+
+def _reject_packed_sequences(kwargs: dict[str, Any]) -> None:
+    """patch_model prunes padded batches (one sequence per row). Several sequences packed in one row (verl's
+    remove-padding layout) would be compacted as one sequence and attend to each other: refuse them clearly."""
+    hint = "use vitos_ext.prune_packed_batch for packed (remove-padding) batches"
+    for name in _PACKED_SEQUENCE_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}: token pruning through patch_model needs one sequence per row; {hint}")
+    positions = kwargs.get("position_ids")
+    if not isinstance(positions, torch.Tensor) or positions.dim() not in (2, 3) or positions.shape[-1] < 2:
+        return
+    first_row = positions[0] if positions.dim() == 3 else positions  # text / temporal row: non-decreasing
+    restarts = first_row[:, 1:] < first_row[:, :-1]
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == first_row.shape:
+        restarts &= mask[:, 1:].bool() & mask[:, :-1].bool()
+    if bool(restarts.any()):  # one read-back, only when the caller passes position ids itself
+        raise ValueError(f"position_ids restart inside a row (packed sequences): token pruning through "
+                         f"patch_model needs one sequence per row; {hint}")
 
 
 def _check_pruned(request: _Request) -> None:
@@ -550,6 +574,7 @@ def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not _wants_request(vitos):
         return original(*args, **kwargs)
     _check_generation_mode(model, kwargs)
+    _reject_packed_sequences(kwargs)
     inputs = {name: kwargs.get(name) for name in _CAPTURED_INPUTS}
     if inputs["input_ids"] is None:
         inputs["input_ids"] = args[0] if args else kwargs.get("inputs")
