@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vitos_ext.ops.attention import BACKENDS, varlen_attention
+from vitos_ext.profiling import nvtx_annotate
 
 __all__ = ["HF_ATTENTION_NAME", "register_hf_attention", "vitos_varlen_attention_forward", "vitos_varlen_mask"]
 
@@ -122,6 +123,7 @@ def _reject_unsupported(module, dropout, sliding_window, softcap, kwargs) -> Non
 # ----------------------------------------------------------------------------------------------------------
 
 
+@nvtx_annotate("vitos.hf_attention")
 def vitos_varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from .models import VLMAdapter, adapter_for
+from .profiling import nvtx_annotate
 from .sparsity import (
     PrunedBatch,
     boxes_to_regions,
@@ -667,6 +668,7 @@ def _language_model_pre_hook(state: _PatchState, module: torch.nn.Module, args: 
     return args, kwargs
 
 
+@nvtx_annotate("vitos.prune_prefill")
 def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: dict[str, Any]) -> None:
     """Replace the language model's prefill inputs (in `kwargs`) by the compacted, left-padded batch."""
     model, adapter = state.model, state.adapter

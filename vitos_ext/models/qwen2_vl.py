@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..profiling import nvtx_annotate
 from . import VLMAdapter
 
 __all__ = ["ADAPTER", "QwenVLAdapter", "apply_vitos_to_qwen2_vl", "qwen_vision_varlen_forward",
@@ -45,6 +46,7 @@ def _use_varlen(module: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
     return triton_available(hidden_states.device)
 
 
+@nvtx_annotate("vitos.vision_attention")
 def qwen_vision_varlen_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,

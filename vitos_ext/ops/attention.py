@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vitos_ext.profiling import nvtx_annotate
 from vitos_ext.reference import varlen_attention_reference
 
 try:
@@ -295,6 +296,7 @@ def _torch_backend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 # ----------------------------------------------------------------------------------------------------------
 
 
+@nvtx_annotate("vitos.varlen_attention")
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
