@@ -1,0 +1,234 @@
+"""Checkpoints with exact resume: weights, optimizer, RNG states (torch, python, numpy), counters, data order.
+
+Layout of ``<output_dir>/checkpoints/<name>/``:
+    model.safetensors, config.json, generation_config.json   (state_dict names; from_pretrained loads it)
+    processor / tokenizer files                                (when a processor is given: a usable model folder)
+    optimizer.pt        optimizer.state_dict() (absent for model-only checkpoints)
+    reference.safetensors  the frozen KL reference's weights, when beta > 0
+    rng.pt              RNG states
+    trainer_state.json  phase, step counters, data order, evaluation results, config
+A tracker file ``<output_dir>/checkpoints/latest.json`` names the newest complete checkpoint; it is written
+atomically *after* the checkpoint folder is complete, so a crash mid-save never leaves it pointing at a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "save_model_folder",
+    "TRACKER_FILE",
+    "CheckpointInfo",
+    "capture_rng_state",
+    "restore_rng_state",
+    "save_checkpoint",
+    "load_checkpoint_weights",
+    "read_tracker",
+    "write_tracker",
+]
+
+TRACKER_FILE = "latest.json"
+_STATE_FILE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the tracker file says: checkpoint folder (absolute), its trainer state."""
+
+    path: Path
+    state: dict[str, Any]
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """torch (CPU and every CUDA device), python ``random`` and numpy global RNG states, torch.save-able with
+    weights_only loading."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [python_version, list(python_state), python_gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(position), int(has_gauss),
+                  float(gauss)],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    processor=None,
+    reference: torch.nn.Module | None = None,
+) -> Path:
+    """Write a complete checkpoint folder (replacing one of the same name).
+
+    Args:
+        directory: the checkpoint folder.
+        model: the policy (patched or not).
+        state: JSON-serializable trainer state (counters, data order, config, evaluation results).
+        optimizer: saved when given.
+        processor: saved when given, so the folder is a standalone model directory.
+        reference: the frozen KL reference model, saved when given.
+
+    Returns:
+        The folder path.
+    """
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    _save_weights(model, staging)
+    if processor is not None:
+        processor.save_pretrained(staging)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    if reference is not None:
+        save_file({k: v.detach().contiguous() for k, v in reference.state_dict().items()},
+                  str(staging / "reference.safetensors"))
+    torch.save(capture_rng_state(), staging / "rng.pt")
+    (staging / _STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+    return directory
+
+
+def _save_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Weights under the module's own state_dict names (exact round trip through load_state_dict) + config files.
+
+    transformers' from_pretrained reads this folder too (current checkpoints use these names); save_pretrained
+    is not used because it may rename keys to a legacy layout for some architectures. Tied tensors are stored once.
+    """
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.device.type != "meta" and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / name for name in names]
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"checkpoint {directory} has no model.safetensors")
+    return [single]
+
+
+def _load_state_dict_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {source} has weights the model does not: {unexpected[:5]}")
+    # save_pretrained drops tied duplicates; anything else missing means another architecture
+    loaded_storage = {p.data_ptr() for name, p in module.state_dict().items() if name in tensors}
+    untied = [name for name in missing if module.state_dict()[name].data_ptr() not in loaded_storage]
+    if untied:
+        raise ValueError(f"checkpoint {source} lacks weights of the model: {untied[:5]}")
+
+
+def load_checkpoint_weights(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    reference: torch.nn.Module | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into existing objects (bit-exact) and return its trainer state.
+
+    Args:
+        directory: a folder written by :func:`save_checkpoint`.
+        model: receives the weights (in place, so a patched model stays patched).
+        optimizer: receives the optimizer state when given and present in the checkpoint.
+        reference: receives the KL reference weights when given and present.
+        restore_rng: restore the RNG states.
+    """
+    directory = Path(directory)
+    if not (directory / _STATE_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {_STATE_FILE})")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _weight_files(directory):
+        tensors.update(load_file(str(path)))
+    with torch.no_grad():
+        _load_state_dict_exact(model, tensors, directory)
+    if optimizer is not None and (directory / "optimizer.pt").is_file():
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    if reference is not None and (directory / "reference.safetensors").is_file():
+        with torch.no_grad():
+            _load_state_dict_exact(reference, load_file(str(directory / "reference.safetensors")), directory)
+    if restore_rng:
+        restore_rng_state(torch.load(directory / "rng.pt", weights_only=True))
+    return json.loads((directory / _STATE_FILE).read_text())
+
+
+def write_tracker(checkpoints_dir: str | os.PathLike, name: str, state: dict[str, Any]) -> None:
+    """Point the tracker file at checkpoint ``name`` (atomic)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    summary = {key: state.get(key) for key in ("phase", "phase_step", "global_step", "phase_complete",
+                                                 "completed_phases")}
+    _atomic_write(checkpoints_dir / TRACKER_FILE, json.dumps({"checkpoint": name, **summary}, indent=1) + "\n")
+
+
+def read_tracker(checkpoints_dir: str | os.PathLike) -> CheckpointInfo | None:
+    """The checkpoint the tracker names, or None when there is no tracker."""
+    checkpoints_dir = Path(checkpoints_dir)
+    tracker = checkpoints_dir / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    name = json.loads(tracker.read_text())["checkpoint"]
+    path = checkpoints_dir / name
+    state_file = path / _STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"the tracker {tracker} names {path}, which is not a complete checkpoint")
+    return CheckpointInfo(path=path, state=json.loads(state_file.read_text()))
+
+
+def save_model_folder(directory: str | os.PathLike, model: torch.nn.Module, processor=None) -> Path:
+    """A plain model folder (weights, config, generation config, processor) for inference / the demo."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    _save_weights(model, directory)
+    if processor is not None:
+        processor.save_pretrained(directory)
+    return directory

@@ -1,0 +1,279 @@
+"""Rollouts of the two ViToS branches with the (patched) model's generate(): KV cache, temperature / top-p / top-k.
+
+Grounding branch: G rollouts O_i per prompt with all visual tokens. Token-sparse branch: for every O_i, its parsed
+boxes select the visual tokens (region_to_patch_mask through vitos_ext.sparsity, optional dilation and token
+fusion) and G' rollouts O'_{i,j} answer the same question seeing only those tokens; pruning happens once at the
+prefill, so the KV cache holds only kept tokens.
+
+Generation never emits the vision placeholder tokens (they are suppressed): a sampled ``<|image_pad|>`` would make
+the completion unusable as model input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from ..parsing import parse_output
+from ..sparsity import keep_mask_from_boxes
+from .batching import PromptBatch, SequenceBatch, build_sequences
+from .logprobs import SparseSelection
+
+__all__ = [
+    "SamplingSettings",
+    "Rollouts",
+    "visual_token_counts",
+    "sparse_selection",
+    "generate_completions",
+    "decode_completions",
+    "special_token_ids",
+]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: do_sample=False is greedy decoding (evaluation). top_k=0 disables top-k."""
+
+    max_new_tokens: int = 96
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int | None = None  # rows per generate() call
+
+
+@dataclass
+class Rollouts:
+    """Rollouts of one branch and what scoring / the update need.
+
+    Attributes:
+        branch: "grounding" or "sparse".
+        sequences: prompts + completions (completion_mask covers tokens up to and including the end-of-turn token).
+        texts: decoded completions (special tokens skipped).
+        group_ids: int64 [N], the prompt slot in this step's batch: advantages are normalized within a group
+            (G rows per prompt for grounding, G x G' rows per prompt for sparse).
+        example_ids: dataset index of each row's example.
+        parent: int64 [N], for sparse rows the grounding row O_i whose boxes selected the tokens; -1 for grounding.
+        truncated: bool [N], the completion hit max_new_tokens without an end-of-turn token.
+        boxes: parsed normalized boxes of each completion.
+        selection: the visual tokens kept (sparse) or None (all tokens).
+        kept_ratio: float32 [N], kept visual tokens / visual tokens per row (1.0 for grounding).
+    """
+
+    branch: str
+    sequences: SequenceBatch
+    texts: list[str]
+    group_ids: torch.Tensor
+    example_ids: list[int]
+    parent: torch.Tensor
+    truncated: torch.Tensor
+    boxes: list[list[list[float]]]
+    selection: SparseSelection | None
+    kept_ratio: torch.Tensor
+    merge_size: int = 2
+
+    @property
+    def size(self) -> int:
+        """Number of rollouts N."""
+        return len(self.texts)
+
+    def select(self, rows: list[int] | torch.Tensor) -> tuple[SequenceBatch, SparseSelection | None]:
+        """The training-forward inputs of a subset of rows (the keep mask is cut to their images)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        selection = None
+        if self.selection is not None:
+            counts = visual_token_counts(self.sequences.prompt.image_grid_thw, self.merge_size)
+            selection = SparseSelection(_rows_of_mask(self.selection.keep, counts, rows), self.selection.fuse)
+        return self.sequences.select(rows), selection
+
+
+def special_token_ids(model: torch.nn.Module) -> tuple[list[int], list[int]]:
+    """(end-of-turn ids, vision placeholder ids to suppress) from the model's generation config and config."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    if not eos_ids:
+        raise ValueError("model.generation_config.eos_token_id is not set: generation would never stop")
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    suppress = sorted({int(getattr(model.config, n)) for n in names if getattr(model.config, n, None) is not None})
+    return eos_ids, suppress
+
+
+def visual_token_counts(grid_thw: torch.Tensor, merge_size: int) -> list[int]:
+    """Visual tokens per image: t * (h / m) * (w / m) for each row of grid_thw int64 [I, 3]."""
+    return [int(t * (h // merge_size) * (w // merge_size)) for t, h, w in grid_thw.tolist()]
+
+
+def _rows_of_mask(mask: torch.Tensor, counts: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate the per-image segments ``rows`` of a mask over all visual tokens."""
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    parts = [mask[starts[r]:starts[r + 1]] for r in rows.tolist()]
+    return torch.cat(parts) if parts else mask[:0]
+
+
+def sparse_selection(
+    boxes: list[list[list[float]]],
+    grid_thw: torch.Tensor,
+    merge_size: int,
+    dilate: int = 0,
+    fuse: bool = False,
+    no_box_policy: str = "no_visual_tokens",
+) -> tuple[SparseSelection, torch.Tensor]:
+    """Visual tokens each row keeps given its evidence boxes.
+
+    Args:
+        boxes: per row (= per image), a list of normalized [x1, y1, x2, y2] boxes (may be empty).
+        grid_thw: int64 [B, 3], one image per row.
+        merge_size: the vision tower's spatial merge size.
+        dilate: grow each box region by this many tokens.
+        fuse: ViToS token fusion (dropped tokens averaged into the nearest kept token).
+        no_box_policy: rows without a valid box keep "no_visual_tokens" (the sparse branch answers blind, which
+            the cross-feedback reward then charges to the grounding rollout) or "all_visual_tokens".
+
+    Returns:
+        (SparseSelection with keep bool [sum of visual tokens], kept_ratio float32 [B]).
+    """
+    if len(boxes) != grid_thw.shape[0]:
+        raise ValueError(f"boxes has {len(boxes)} rows but grid_thw has {grid_thw.shape[0]} images")
+    tensors = [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
+    counts = visual_token_counts(grid_thw, merge_size)
+    keep = keep_mask_from_boxes(tensors, grid_thw, merge_size, dilate, num_tokens=sum(counts))
+    ratios, start = [], 0
+    for row, count in enumerate(counts):
+        if tensors[row].shape[0] == 0 and no_box_policy == "no_visual_tokens":
+            keep[start:start + count] = False
+        ratios.append(float(keep[start:start + count].sum()) / max(count, 1))
+        start += count
+    return SparseSelection(keep, fuse), torch.tensor(ratios, dtype=torch.float32)
+
+
+def _generation_config(model: torch.nn.Module, settings: SamplingSettings, eos_ids: list[int],
+                       suppress_ids: list[int]) -> GenerationConfig:
+    sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    if not settings.do_sample:
+        sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    pad = model.generation_config.pad_token_id
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad if pad is not None else eos_ids[0],
+        suppress_tokens=suppress_ids or None,
+        use_cache=True,
+        **sampling,
+    )
+
+
+def _cut_at_eos(row: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, bool]:
+    """Completion tokens up to and including the first end-of-turn token; (tokens, truncated)."""
+    is_eos = torch.isin(row, torch.tensor(eos_ids, device=row.device))
+    if bool(is_eos.any()):
+        end = int(is_eos.nonzero()[0]) + 1
+        return row[:end], False
+    return row, True
+
+
+@torch.no_grad()
+def generate_completions(
+    model: torch.nn.Module,
+    prompt: PromptBatch,
+    settings: SamplingSettings,
+    selection: SparseSelection | None = None,
+    merge_size: int = 2,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sample (or greedily decode) one completion per prompt row.
+
+    Args:
+        model: the policy (patched with vitos_ext.patch_model when ``selection`` is given).
+        prompt: left-padded prompts on the model's device.
+        settings: sampling settings.
+        selection: visual tokens to keep per row (token-sparse rollouts) or None.
+        merge_size: the vision tower's spatial merge size (to cut the keep mask per generation chunk).
+
+    Returns:
+        (list of B int64 CPU tensors [n_i] ending with the end-of-turn token unless truncated, bool [B] truncated).
+    """
+    eos_ids, suppress_ids = special_token_ids(model)
+    config = _generation_config(model, settings, eos_ids, suppress_ids)
+    chunk = settings.batch_size or prompt.size
+    counts = visual_token_counts(prompt.image_grid_thw, merge_size) if selection is not None else None
+    completions, truncated = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, prompt.size, chunk):
+            rows = torch.arange(start, min(start + chunk, prompt.size))
+            part = prompt.select(rows) if chunk < prompt.size else prompt
+            kwargs = {}
+            if selection is not None:
+                keep = _rows_of_mask(selection.keep, counts, rows) if chunk < prompt.size else selection.keep
+                kwargs = SparseSelection(keep, selection.fuse).model_kwargs()
+            output = model.generate(**part.model_inputs(), generation_config=config, **kwargs)
+            new_tokens = output[:, part.input_ids.shape[1]:].cpu()
+            for row in new_tokens:
+                tokens, cut = _cut_at_eos(row, eos_ids)
+                completions.append(tokens if tokens.numel() else row[:1])
+                truncated.append(cut)
+    finally:
+        model.train(was_training)
+    return completions, torch.tensor(truncated, dtype=torch.bool)
+
+
+def decode_completions(tokenizer, completions: list[torch.Tensor]) -> list[str]:
+    """Decode completions without special tokens (the contract tags are ordinary tokens and stay)."""
+    return tokenizer.batch_decode([c.tolist() for c in completions], skip_special_tokens=True)
+
+
+def parse_boxes(texts: list[str], grid_thw: torch.Tensor, patch_size: int) -> list[list[list[float]]]:
+    """Normalized boxes parsed from each completion; Qwen ``bbox_2d`` pixels are normalized by the image the
+    model saw (grid * patch size)."""
+    boxes = []
+    for text, (_, h, w) in zip(texts, grid_thw.tolist()):
+        boxes.append(parse_output(text, image_size=(w * patch_size, h * patch_size)).boxes)
+    return boxes
+
+
+def make_rollouts(
+    branch: str,
+    tokenizer,
+    prompt: PromptBatch,
+    completions: list[torch.Tensor],
+    truncated: torch.Tensor,
+    group_ids: torch.Tensor,
+    example_ids: list[int],
+    parent: torch.Tensor,
+    selection: SparseSelection | None,
+    kept_ratio: torch.Tensor,
+    patch_size: int,
+    merge_size: int,
+) -> Rollouts:
+    """Assemble :class:`Rollouts` from generated completions (decodes and parses them)."""
+    texts = decode_completions(tokenizer, completions)
+    sequences = build_sequences(prompt, completions, int(tokenizer.pad_token_id))
+    rollouts = Rollouts(
+        branch=branch,
+        sequences=sequences,
+        texts=texts,
+        group_ids=group_ids,
+        example_ids=example_ids,
+        parent=parent,
+        truncated=truncated,
+        boxes=parse_boxes(texts, prompt.image_grid_thw, patch_size),
+        selection=selection,
+        kept_ratio=kept_ratio,
+        merge_size=merge_size,
+    )
+    return rollouts
+
+
+def vision_geometry(model: torch.nn.Module) -> tuple[int, int]:
+    """(patch_size, spatial_merge_size) of a Qwen-VL style model's vision tower, from its config."""
+    vision = getattr(model.config, "vision_config", None)
+    patch = getattr(vision, "patch_size", None)
+    merge = getattr(vision, "spatial_merge_size", None)
+    if patch is None or merge is None:
+        raise ValueError(f"{type(model).__name__}: config.vision_config needs patch_size and spatial_merge_size "
+                         "(the trainer supports Qwen2-VL / Qwen2.5-VL / Qwen3-VL style models)")
+    return int(patch), int(merge)

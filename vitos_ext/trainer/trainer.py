@@ -1,0 +1,574 @@
+"""The ViToS dual-stream GRPO trainer: SFT warm-up, then cross-feedback sequential optimization of one policy.
+
+    trainer = DualStreamGRPOTrainer(model, processor, train_data, config, eval_data=held_out)
+    results = trainer.train()                 # or trainer.train(resume=True) after an interruption
+
+One GRPO step (see :meth:`DualStreamGRPOTrainer.grpo_step`) is four separable stages, each a method that a
+distributed trainer can wrap (shard rows, all-gather rewards and group ids before the advantages):
+    1. rollouts   :meth:`rollout_grounding`, :meth:`rollout_sparse`        (no grad, patched generate())
+    2. rewards    :meth:`score`                                             (format / IoU / accuracy / cross)
+    3. advantages :func:`vitos_ext.trainer.grpo.group_advantages`           (per group id)
+    4. update     :meth:`update_branch`                                     (clipped surrogate, optimizer steps)
+Gradient isolation: an update runs the training forward of its own branch's rollouts only; the other branch's
+rollouts enter as detached rewards (cross-feedback) or, for the sparse branch, as the boxes that select tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..patching import is_patched, patch_model
+from .batching import PromptBatch, build_sequences
+from .checkpoint import load_checkpoint_weights, read_tracker, save_checkpoint, save_model_folder, write_tracker
+from .config import TrainerConfig
+from .data import DataOrder, TrainingData, gold_completion
+from .evaluate import EvalResult, evaluate_policy, format_eval_table
+from .grpo import clipped_surrogate_loss, group_advantages
+from .logprobs import SparseSelection, completion_logprobs
+from .metrics import MetricsLogger, plot_curves
+from .rollout import (
+    Rollouts,
+    SamplingSettings,
+    generate_completions,
+    make_rollouts,
+    sparse_selection,
+    special_token_ids,
+    vision_geometry,
+)
+from .scoring import NonFiniteError, RewardTerms, basic_terms, grounding_rewards, precision_terms, sparse_rewards
+
+__all__ = ["DualStreamGRPOTrainer", "PHASE_LABELS"]
+
+logger = logging.getLogger("vitos_ext.trainer")
+
+# evaluation label written after each phase
+PHASE_LABELS = {"sft": "after SFT", "grounding": "after stage 1", "sparse": "after stage 2",
+                "alternate": "after alternate"}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class DualStreamGRPOTrainer:
+    """Trains one policy on the ViToS grounding and token-sparse branches.
+
+    Args:
+        model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL *ForConditionalGeneration (patched in place with patch_model if it
+            is not already).
+        processor: its processor (tokenizer with a pad token, chat template, image processor).
+        train_data: :class:`~vitos_ext.trainer.data.TrainingData` (bad rows already reported and skipped).
+        config: :class:`TrainerConfig`.
+        eval_data: optional held-out data, evaluated at the end of every phase (and every ``eval_every`` steps).
+        system_prompt: optional system message for every prompt.
+    """
+
+    def __init__(self, model, processor, train_data: TrainingData, config: TrainerConfig,
+                 eval_data: TrainingData | None = None, system_prompt: str | None = None):
+        if not isinstance(config, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
+        if not isinstance(train_data, TrainingData) or len(train_data) == 0:
+            raise ValueError("train_data must be a non-empty TrainingData (every row was skipped? see its report)")
+        if eval_data is not None and len(eval_data) == 0:
+            raise ValueError("eval_data is empty (every row was skipped? see its report)")
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        _seed_everything(config.seed)
+        self.model = model if is_patched(model) else patch_model(model)
+        self.processor = processor
+        self.train_data, self.eval_data = train_data, eval_data
+        from .batching import PromptEncoder  # local import keeps the module graph flat
+
+        self.encoder = PromptEncoder(processor, system_prompt)
+        self.tokenizer = processor.tokenizer
+        self.device = next(model.parameters()).device
+        self.patch_size, self.merge_size = vision_geometry(model)
+        self.eos_ids, _ = special_token_ids(model)
+        self.eos_token = self.tokenizer.convert_ids_to_tokens(self.eos_ids[0])
+
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLogger(self.output_dir / "metrics.jsonl")
+        config.save(self.output_dir / "config.json")
+        self._write_data_report()
+
+        self.order = DataOrder(len(train_data), config.seed)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.reference: torch.nn.Module | None = None
+        self.state: dict[str, Any] = {"phase": None, "phase_step": 0, "global_step": 0, "phase_complete": False,
+                                      "completed_phases": [], "eval_results": {}, "optimizer_steps": 0}
+
+    # ------------------------------------------------------------------------------------------------------
+    # bookkeeping
+
+    @property
+    def phases(self) -> list[str]:
+        """Phases of this run, in order: "sft" (if sft_steps > 0), then "grounding", "sparse" or "alternate"."""
+        phases = ["sft"] if self.config.sft_steps > 0 else []
+        return phases + (["grounding", "sparse"] if self.config.schedule == "stages" else ["alternate"])
+
+    def _phase_steps(self, phase: str) -> int:
+        return {"sft": self.config.sft_steps, "grounding": self.config.grounding_steps,
+                "sparse": self.config.sparse_steps, "alternate": self.config.alternate_steps}[phase]
+
+    def _write_data_report(self) -> None:
+        reports = {"train": self.train_data.report.to_dict()}
+        if self.eval_data is not None:
+            reports["eval"] = self.eval_data.report.to_dict()
+        (self.output_dir / "skipped_samples.json").write_text(json.dumps(reports, indent=1) + "\n")
+        for split, report in reports.items():
+            if report["skipped"]:
+                logger.warning("%s data: %d of %d rows skipped: %s", split, len(report["skipped"]), report["total"],
+                               report["skipped_by_reason"])
+
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _new_optimizer(self, phase: str) -> torch.optim.Optimizer:
+        lr = self._base_lr(phase)
+        return torch.optim.AdamW(self._trainable_parameters(), lr=lr, betas=self.config.adam_betas,
+                                 weight_decay=self.config.weight_decay)
+
+    def _base_lr(self, phase: str) -> float:
+        config = self.config
+        if phase == "sft":
+            return config.sft_lr
+        if phase == "sparse" and config.sparse_lr is not None:
+            return config.sparse_lr
+        return config.lr
+
+    def _learning_rate(self, phase: str, step: int) -> float:
+        """SFT: linear warm-up then cosine decay to 10%; GRPO: linear warm-up then constant."""
+        config = self.config
+        if phase == "sft":
+            warm = min(1.0, (step + 1) / config.sft_warmup_steps) if config.sft_warmup_steps else 1.0
+            progress = step / max(config.sft_steps, 1)
+            return config.sft_lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        warm = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
+        return self._base_lr(phase) * warm
+
+    def _start_phase(self, phase: str) -> None:
+        self.state.update(phase=phase, phase_step=0, phase_complete=False)
+        self.optimizer = self._new_optimizer(phase)
+        self.reference = None
+        if phase != "sft" and self.config.beta > 0:
+            self.reference = copy.deepcopy(self.model).eval()  # frozen KL reference: the policy at phase start
+            for parameter in self.reference.parameters():
+                parameter.requires_grad_(False)
+
+    def _state_for_checkpoint(self) -> dict[str, Any]:
+        return {**self.state, "data_order": self.order.state_dict(), "config": self.config.to_dict()}
+
+    def save(self, name: str, keep: bool = False) -> Path:
+        """Save a checkpoint ``checkpoints/<name>`` and point the tracker at it; older step checkpoints beyond
+        ``keep_checkpoints`` are deleted unless ``keep`` (stage ends are always kept)."""
+        path = save_checkpoint(self.checkpoint_dir / name, self.model, self._state_for_checkpoint(),
+                               optimizer=self.optimizer, processor=self.processor, reference=self.reference)
+        write_tracker(self.checkpoint_dir, name, self.state)
+        if not keep:
+            self._rotate_step_checkpoints(name)
+        return path
+
+    def _rotate_step_checkpoints(self, current: str) -> None:
+        steps = sorted(p for p in self.checkpoint_dir.glob("*-step-*") if p.is_dir() and not p.name.endswith(".partial"))
+        stale = [p for p in steps if p.name != current][: max(0, len(steps) - self.config.keep_checkpoints)]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resume(self, checkpoint: str | Path = "latest") -> dict[str, Any]:
+        """Restore model, optimizer, reference, RNG states, counters and data order from a checkpoint.
+
+        Args:
+            checkpoint: "latest" (the tracker file in ``<output_dir>/checkpoints``) or a checkpoint folder.
+
+        Returns:
+            The restored trainer state. Raises FileNotFoundError when there is nothing to resume from.
+        """
+        if checkpoint == "latest":
+            info = read_tracker(self.checkpoint_dir)
+            if info is None:
+                raise FileNotFoundError(f"no checkpoint tracker in {self.checkpoint_dir} to resume from")
+            path, saved = info.path, info.state
+        else:
+            path = Path(checkpoint)
+            saved = json.loads((path / "trainer_state.json").read_text())
+        phase = saved["phase"]
+        self.optimizer = self._new_optimizer(phase) if phase and not saved["phase_complete"] else None
+        self.reference = None
+        if phase and phase != "sft" and self.config.beta > 0 and not saved["phase_complete"]:
+            self.reference = copy.deepcopy(self.model).eval()
+            for parameter in self.reference.parameters():
+                parameter.requires_grad_(False)
+        saved = load_checkpoint_weights(path, self.model, optimizer=self.optimizer, reference=self.reference)
+        self.order.load_state_dict(saved.pop("data_order"))
+        saved.pop("config", None)
+        self.state = saved
+        self.metrics.truncate_after(self.state["global_step"])
+        logger.info("resumed from %s (phase %s, step %d)", path, phase, self.state["phase_step"])
+        return self.state
+
+    # ------------------------------------------------------------------------------------------------------
+    # training loop
+
+    def train(self, resume: bool | str | Path = False, stop_at_step: int | None = None) -> dict[str, dict]:
+        """Run every remaining phase; returns the held-out evaluation results by label.
+
+        Args:
+            resume: False (start fresh), True / "latest" (continue from the tracker's checkpoint) or a folder.
+            stop_at_step: save a checkpoint and return once the global step reaches this (for tests and
+                preemptible jobs).
+
+        Raises:
+            NonFiniteError: a NaN/inf reward, loss or gradient; the message names the last good checkpoint, which
+                is left untouched (the failing step is never applied), and ``<output_dir>/FAILED.json`` records it.
+        """
+        if resume:
+            self.resume("latest" if resume is True else resume)
+        try:
+            for phase in self.phases:
+                if phase in self.state["completed_phases"]:
+                    continue
+                if self._run_phase(phase, stop_at_step):
+                    return self.state["eval_results"]
+            self._finish()
+        except NonFiniteError as error:
+            self._record_failure(error)
+            raise
+        return self.state["eval_results"]
+
+    def _run_phase(self, phase: str, stop_at_step: int | None) -> bool:
+        """Run one phase to its end (or to stop_at_step: returns True when stopped early)."""
+        if self.state["phase"] != phase:
+            self._resume_from_previous_stage(phase)
+            self._start_phase(phase)
+        total = self._phase_steps(phase)
+        progress = _progress_bar(total, self.state["phase_step"], phase, self.config.progress)
+        try:
+            while self.state["phase_step"] < total:
+                if stop_at_step is not None and self.state["global_step"] >= stop_at_step:
+                    self.save(f"{phase}-step-{self.state['global_step']:06d}")
+                    return True
+                started = time.perf_counter()
+                step_metrics = self.sft_step() if phase == "sft" else self.grpo_step(phase)
+                self.state["phase_step"] += 1
+                self.state["global_step"] += 1
+                step_metrics.update(phase=phase, phase_step=self.state["phase_step"],
+                                    global_step=self.state["global_step"], seconds=time.perf_counter() - started)
+                self._after_step(phase, step_metrics, progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        self._complete_phase(phase)
+        return False
+
+    def _resume_from_previous_stage(self, phase: str) -> None:
+        """Stage 2 starts from the stage-1 checkpoint named by the tracker (a no-op in the same process, where the
+        weights already are those; a new process gets them through :meth:`train` with resume)."""
+        info = read_tracker(self.checkpoint_dir)
+        if phase == "sparse" and info is not None and info.state.get("phase") == "grounding":
+            logger.info("stage 2 starts from %s", info.path)
+
+    def _after_step(self, phase: str, step_metrics: dict[str, Any], progress) -> None:
+        config, step = self.config, self.state["global_step"]
+        if step % config.log_every == 0 or self.state["phase_step"] == self._phase_steps(phase):
+            self.metrics.log(step_metrics)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(_postfix(step_metrics), refresh=False)
+        if phase != "sft" and config.eval_every and self.state["phase_step"] % config.eval_every == 0 \
+                and self.state["phase_step"] < self._phase_steps(phase):
+            self.evaluate(label=None)
+        if config.save_every and step % config.save_every == 0:
+            self.save(f"{phase}-step-{step:06d}")
+
+    def _complete_phase(self, phase: str) -> None:
+        if self.eval_data is not None:
+            self.evaluate(label=PHASE_LABELS[phase])
+        self.state["phase_complete"] = True
+        self.state["completed_phases"].append(phase)
+        self.optimizer = None  # the next phase starts a fresh optimizer: no need to store this one
+        self.save(f"{phase}-final", keep=True)
+
+    def _finish(self) -> None:
+        save_model_folder(self.output_dir / "final", self.model, self.processor)
+        results = self.state["eval_results"]
+        if results:
+            (self.output_dir / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
+            (self.output_dir / "eval_table.md").write_text(format_eval_table(results) + "\n")
+        plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
+
+    def _record_failure(self, error: Exception) -> None:
+        info = read_tracker(self.checkpoint_dir)
+        last_good = str(info.path) if info is not None else None
+        record = {"error": str(error), "phase": self.state["phase"], "global_step": self.state["global_step"],
+                  "last_good_checkpoint": last_good}
+        (self.output_dir / "FAILED.json").write_text(json.dumps(record, indent=1) + "\n")
+        error.args = (f"{error} -- training stopped at global step {self.state['global_step']} "
+                      f"(phase {self.state['phase']}); last good checkpoint: {last_good or 'none saved yet'}",)
+        logger.error("%s", error.args[0])
+
+    # ------------------------------------------------------------------------------------------------------
+    # evaluation
+
+    def evaluate(self, label: str | None = None) -> EvalResult:
+        """Two-pass greedy evaluation on the held-out data; logged as eval/* metrics and, with a label, stored in
+        the results table. The training RNG streams are left untouched."""
+        if self.eval_data is None:
+            raise ValueError("evaluate() needs eval_data")
+        examples = self.eval_data.examples[: self.config.eval_max_samples]
+        keys = [("eval", i) for i in range(len(examples))]
+        with torch.random.fork_rng(devices=[]):
+            result = evaluate_policy(self.model, self.encoder, examples, self.config.eval_batch_size,
+                                     self.config.max_new_tokens, self.config.dilate, self.config.fuse_tokens,
+                                     self.config.no_box_policy, cache_keys=keys)
+        record = {"global_step": self.state["global_step"], "phase": self.state["phase"], **result.as_dict("eval/")}
+        if label is not None:
+            record["eval/label"] = label
+            self.state["eval_results"][label] = result.as_dict()
+        self.metrics.log(record)
+        logger.info("eval %s: %s", label or f"step {self.state['global_step']}", result)
+        return result
+
+    # ------------------------------------------------------------------------------------------------------
+    # SFT
+
+    def _sft_selection(self, examples: list, prompt: PromptBatch) -> SparseSelection | None:
+        """Keep mask of an SFT batch: the last ``sft_sparse_fraction`` of the rows see only the visual tokens in
+        their gold boxes, the others all tokens (one pruned forward serves both: a row keeping everything is the
+        full-token forward)."""
+        sparse_rows = round(len(examples) * self.config.sft_sparse_fraction)
+        if sparse_rows == 0:
+            return None
+        first_sparse = len(examples) - sparse_rows
+        boxes = [e.gold_boxes if row >= first_sparse else [] for row, e in enumerate(examples)]
+        selection, _ = sparse_selection(boxes, prompt.image_grid_thw.cpu(), self.merge_size, self.config.dilate,
+                                        self.config.fuse_tokens, no_box_policy="all_visual_tokens")
+        return SparseSelection(selection.keep.to(self.device), selection.fuse)
+
+    def sft_step(self) -> dict[str, float]:
+        """One supervised step on gold outputs: -mean log p(gold completion tokens) over the batch (a fraction of
+        the rows on their gold-box token-sparse view, see ``sft_sparse_fraction``)."""
+        indices = self.order.next_indices(self.config.sft_batch_size)
+        examples = [self.train_data[i] for i in indices]
+        prompt = self.encoder.batch(examples, keys=indices).to(self.device)
+        targets = [torch.tensor(self.tokenizer(gold_completion(e.sample, self.eos_token),
+                                               add_special_tokens=False).input_ids) for e in examples]
+        sequences = build_sequences(prompt, targets, self.encoder.pad_token_id)
+        sequences = type(sequences)(sequences.prompt, sequences.completion_ids.to(self.device),
+                                    sequences.completion_mask.to(self.device))
+        self.model.train()
+        logprobs = completion_logprobs(self.model, sequences, self._sft_selection(examples, prompt))
+        mask = sequences.completion_mask.to(logprobs.dtype)
+        loss = -(logprobs * mask).sum() / mask.sum().clamp_min(1.0)
+        grad_norm = self._optimizer_step(loss, "sft")
+        return {"sft/loss": loss.item(), "sft/grad_norm": grad_norm, "lr": self._current_lr()}
+
+    def _current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
+
+    def _optimizer_step(self, loss: torch.Tensor, phase: str) -> float:
+        """Backward + clip + step, refusing to apply a non-finite loss or gradient."""
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"non-finite {phase} loss ({loss.item()})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), max_norm)
+        if not bool(torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite {phase} gradient norm ({float(grad_norm)})")
+        lr = self._learning_rate(self.state["phase"] or phase, self.state["phase_step"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.state["optimizer_steps"] += 1
+        return float(grad_norm)
+
+    # ------------------------------------------------------------------------------------------------------
+    # GRPO: rollouts
+
+    def _sampling(self) -> SamplingSettings:
+        c = self.config
+        return SamplingSettings(max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
+                                top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size)
+
+    def next_prompts(self) -> tuple[list[int], PromptBatch]:
+        """The next ``prompts_per_step`` dataset indices (data order) and their encoded prompt batch."""
+        indices = self.order.next_indices(self.config.prompts_per_step)
+        prompt = self.encoder.batch([self.train_data[i] for i in indices], keys=indices).to(self.device)
+        return indices, prompt
+
+    def rollout_grounding(self, indices: list[int], prompt: PromptBatch) -> Rollouts:
+        """G rollouts per prompt with all visual tokens (rows prompt-major: prompt p owns rows p*G .. p*G+G-1)."""
+        rows = torch.arange(prompt.size).repeat_interleave(self.config.group_size)
+        expanded = prompt.select(rows)
+        completions, truncated = generate_completions(self.model, expanded, self._sampling(),
+                                                      merge_size=self.merge_size)
+        return make_rollouts("grounding", self.tokenizer, expanded.to("cpu"), completions, truncated,
+                             group_ids=rows, example_ids=[indices[r] for r in rows.tolist()],
+                             parent=torch.full((rows.numel(),), -1, dtype=torch.int64), selection=None,
+                             kept_ratio=torch.ones(rows.numel()), patch_size=self.patch_size,
+                             merge_size=self.merge_size)
+
+    def rollout_sparse(self, grounding: Rollouts) -> Rollouts:
+        """G' rollouts per grounding rollout O_i that see only the visual tokens inside O_i's boxes (rows
+        parent-major: O_i owns rows i*G' .. i*G'+G'-1)."""
+        config = self.config
+        parent = torch.arange(grounding.size).repeat_interleave(config.sparse_group)
+        prompt = grounding.sequences.prompt.select(parent)
+        boxes = [grounding.boxes[i] for i in parent.tolist()]
+        selection, kept_ratio = sparse_selection(boxes, prompt.image_grid_thw, self.merge_size, config.dilate,
+                                                 config.fuse_tokens, config.no_box_policy)
+        device_selection = type(selection)(selection.keep.to(self.device), selection.fuse)
+        completions, truncated = generate_completions(self.model, prompt.to(self.device), self._sampling(),
+                                                      device_selection, self.merge_size)
+        return make_rollouts("sparse", self.tokenizer, prompt, completions, truncated,
+                             group_ids=grounding.group_ids[parent],
+                             example_ids=[grounding.example_ids[i] for i in parent.tolist()], parent=parent,
+                             selection=selection, kept_ratio=kept_ratio, patch_size=self.patch_size,
+                             merge_size=self.merge_size)
+
+    # ------------------------------------------------------------------------------------------------------
+    # GRPO: rewards
+
+    def _image_sizes(self, rollouts: Rollouts) -> list[tuple[int, int]]:
+        grid = rollouts.sequences.prompt.image_grid_thw.tolist()
+        return [(w * self.patch_size, h * self.patch_size) for _, h, w in grid]
+
+    def score(self, grounding: Rollouts, sparse: Rollouts | None) -> tuple[RewardTerms, RewardTerms | None]:
+        """Reward terms of both branches (cross-feedback links them). Raises NonFiniteError on NaN/inf."""
+        weights = self.config
+        g_examples = [self.train_data[i] for i in grounding.example_ids]
+        g_sizes = self._image_sizes(grounding)
+        g_format, g_iou, g_accuracy = basic_terms(grounding.texts, g_examples, g_sizes)
+        g_precision = precision_terms(grounding.texts, g_examples, g_sizes)
+        if sparse is None:
+            return grounding_rewards(g_format, g_iou, g_accuracy, None, weights.grounding_rewards, g_precision), None
+        s_examples = [self.train_data[i] for i in sparse.example_ids]
+        s_format, s_iou, s_accuracy = basic_terms(sparse.texts, s_examples, self._image_sizes(sparse))
+        g_terms = grounding_rewards(g_format, g_iou, g_accuracy, s_accuracy.view(grounding.size, -1),
+                                    weights.grounding_rewards, g_precision)
+        s_terms = sparse_rewards(s_format, s_iou, s_accuracy, g_accuracy, sparse.parent, weights.sparse_rewards)
+        return g_terms, s_terms
+
+    # ------------------------------------------------------------------------------------------------------
+    # GRPO: update
+
+    def _branch_logprobs(self, model: torch.nn.Module, rollouts: Rollouts, rows: torch.Tensor) -> torch.Tensor:
+        sequences, selection = rollouts.select(rows)
+        sequences = type(sequences)(sequences.prompt.to(self.device), sequences.completion_ids.to(self.device),
+                                    sequences.completion_mask.to(self.device))
+        if selection is not None:
+            selection = type(selection)(selection.keep.to(self.device), selection.fuse)
+        return completion_logprobs(model, sequences, selection, self.config.temperature)
+
+    def _frozen_logprobs(self, model: torch.nn.Module, rollouts: Rollouts, batches: list[torch.Tensor]):
+        """Per mini-batch log-probs under a frozen model (old policy or reference), no grad."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return [self._branch_logprobs(model, rollouts, rows) for rows in batches]
+        finally:
+            model.train(was_training)
+
+    def update_branch(self, rollouts: Rollouts, terms: RewardTerms) -> dict[str, float]:
+        """GRPO update of one branch on its rollouts: group advantages, then ``updates_per_batch`` passes of
+        clipped-surrogate optimizer steps over mini-batches. Only this branch's forward runs (gradient isolation).
+
+        Returns:
+            Metrics prefixed with the branch name.
+        """
+        config, branch = self.config, rollouts.branch
+        advantages = group_advantages(terms.total, rollouts.group_ids, config.advantage_scale,
+                                      config.advantage_epsilon)
+        size = config.mini_batch_size or rollouts.size
+        batches = [torch.arange(s, min(s + size, rollouts.size)) for s in range(0, rollouts.size, size)]
+        needs_old = config.updates_per_batch > 1 or len(batches) > 1
+        old = self._frozen_logprobs(self.model, rollouts, batches) if needs_old else None
+        reference = self._frozen_logprobs(self.reference, rollouts, batches) if self.reference is not None else None
+        losses, stats_sum, grad_norms = [], {}, []
+        self.model.train()
+        for _ in range(config.updates_per_batch):
+            for index, rows in enumerate(batches):
+                logprobs = self._branch_logprobs(self.model, rollouts, rows)
+                sequences, _ = rollouts.select(rows)
+                mask = sequences.completion_mask.to(self.device).bool()
+                if config.mask_truncated_completions:
+                    mask = mask & ~rollouts.truncated[rows].to(self.device)[:, None]
+                loss, stats = clipped_surrogate_loss(
+                    logprobs, old[index] if old is not None else logprobs.detach(), advantages[rows].to(self.device),
+                    mask, config.epsilon_low, config.epsilon_high,
+                    ref_logprobs=reference[index] if reference is not None else None, beta=config.beta,
+                    aggregation=config.loss_aggregation, max_length=config.max_new_tokens)
+                grad_norms.append(self._optimizer_step(loss, branch))
+                losses.append(loss.item())
+                for key, value in stats.as_dict().items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + value
+        count = len(losses)
+        lengths = rollouts.sequences.completion_mask.sum(1).float()
+        metrics = {f"{branch}/loss": sum(losses) / count, f"{branch}/grad_norm": sum(grad_norms) / count,
+                   f"{branch}/advantage_abs_mean": float(advantages.abs().mean()),
+                   f"{branch}/completion_length": float(lengths.mean()),
+                   f"{branch}/truncated_fraction": float(rollouts.truncated.float().mean()),
+                   f"{branch}/kept_ratio": float(rollouts.kept_ratio.mean()), "lr": self._current_lr()}
+        metrics.update({f"{branch}/{key}": value / count for key, value in stats_sum.items()})
+        return metrics
+
+    def grpo_step(self, phase: str) -> dict[str, float]:
+        """One GRPO step of a phase: "grounding" (stage 1), "sparse" (stage 2) or "alternate" (grounding update,
+        then a sparse update on fresh sparse rollouts from the updated policy and the same grounding boxes)."""
+        if phase not in ("grounding", "sparse", "alternate"):
+            raise ValueError(f"phase must be 'grounding', 'sparse' or 'alternate', got {phase!r}")
+        metrics: dict[str, float] = {}
+        started = time.perf_counter()
+        indices, prompt = self.next_prompts()
+        grounding = self.rollout_grounding(indices, prompt)
+        needs_sparse = phase != "grounding" or self.config.grounding_rewards.cross != 0
+        sparse = self.rollout_sparse(grounding) if needs_sparse else None
+        g_terms, s_terms = self.score(grounding, sparse)
+        metrics["rollout_seconds"] = time.perf_counter() - started
+        metrics.update(g_terms.means("grounding/reward/"))
+        if s_terms is not None:
+            metrics.update(s_terms.means("sparse/reward/"))
+            metrics["sparse/kept_ratio"] = float(sparse.kept_ratio.mean())
+        if phase in ("grounding", "alternate"):
+            metrics.update(self.update_branch(grounding, g_terms))
+        if phase == "alternate":
+            sparse = self.rollout_sparse(grounding)
+            _, s_terms = self.score(grounding, sparse)
+            metrics.update(s_terms.means("sparse/reward/"))
+        if phase in ("sparse", "alternate"):
+            metrics.update(self.update_branch(sparse, s_terms))
+        return metrics
+
+
+def _progress_bar(total: int, initial: int, phase: str, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(total=total, initial=initial, desc=phase, dynamic_ncols=True, leave=True)
+
+
+def _postfix(metrics: dict[str, Any]) -> dict[str, str]:
+    keys = {"sft/loss": "loss", "grounding/reward/total": "R_g", "grounding/reward/iou": "iou",
+            "grounding/reward/accuracy": "acc", "sparse/reward/total": "R_s", "sparse/reward/accuracy": "acc_s"}
+    return {short: f"{metrics[key]:.3f}" for key, short in keys.items() if key in metrics}
