@@ -1,5 +1,6 @@
 """CMakeLists.txt builds the same operators into a library that torch.ops.load_library can load."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -38,3 +39,15 @@ def test_cmake_library_loads_and_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "vitos.compact_tokens" in result.stdout
+
+
+def test_isolated_builds_pin_the_installed_torch():
+    """A plain `pip install .` must compile against the torch it will run with (the extension ABI follows torch)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import build_backend
+    finally:
+        sys.path.remove(str(ROOT))
+    installed = importlib.metadata.version("torch")
+    assert build_backend.get_requires_for_build_wheel() == ["wheel", f"torch=={installed}"]
+    assert build_backend.get_requires_for_build_editable() == ["wheel", f"torch=={installed}"]
