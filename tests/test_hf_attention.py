@@ -279,3 +279,20 @@ def test_vision_windows_in_one_call_match_per_window_loop():
     want = torch.cat([torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.1).transpose(1, 2)
                       for q, k, v in zip(*splits)], dim=1)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_unpad_plan_is_shared_by_layers_and_follows_the_mask():
+    """One nonzero (host sync) per mask object, not per layer; an in-place edit or another mask recomputes."""
+    from vitos_ext.hf_attention import _UnpadPlan
+
+    plans = _UnpadPlan()
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    first = plans.get(mask, 4, 4)
+    assert plans.get(mask, 4, 4) is first
+    assert first[0].tolist() == [1, 2, 3, 4, 5, 6, 7] and first[1].tolist() == [0, 3, 7]
+    decode = plans.get(mask, 1, 4)  # other lengths: another plan
+    assert decode[0].tolist() == [0, 1] and decode[1].tolist() == [0, 1, 2] and decode[3].tolist() == [0, 3, 7]
+    mask[1, 0] = 0  # in place: the version counter moves
+    assert plans.get(mask, 4, 4)[1].tolist() == [0, 3, 6]
+    other = mask.clone()
+    assert plans.get(other, 4, 4) is not plans.get(mask, 4, 4)

@@ -21,6 +21,7 @@ patch belongs in vitos_ext/models/.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,36 @@ def _cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
-def _unpad(x: torch.Tensor, mask: torch.Tensor):
-    """x [B, L, H, D], mask bool [B, L] -> rows [N, H, D], row indices [N], cu_seqlens int32 [B+1]."""
-    indices = mask.reshape(-1).nonzero().squeeze(1)
-    rows = x.reshape(-1, *x.shape[2:]).index_select(0, indices)
-    return rows, indices, _cu_seqlens_from_lengths(mask.sum(dim=1, dtype=torch.int32))
+class _UnpadPlan:
+    """Row indices and cu_seqlens of a padding mask, shared by every layer of one forward.
+
+    transformers hands the same mask object to all layers; finding the kept rows needs a device->host sync
+    (nonzero), so it is done once per mask object instead of once per layer (and per decoded token and layer).
+    """
+
+    def __init__(self):
+        self._mask_ref = None
+        self._key = None
+        self._plan = None
+
+    def get(self, attention_mask: torch.Tensor, len_q: int, len_k: int):
+        """(indices_q [Nq], cu_q int32 [B+1], indices_k [Nk], cu_k int32 [B+1]) for `attention_mask` [B, >=len_k]."""
+        key = (attention_mask._version, len_q, len_k)
+        cached = self._mask_ref() if self._mask_ref is not None else None
+        if cached is attention_mask and self._key == key:
+            return self._plan
+        mask_k = attention_mask[:, -len_k:].bool()
+        mask_q = attention_mask[:, -len_q:].bool()
+        indices_k = mask_k.reshape(-1).nonzero().squeeze(1)
+        indices_q = indices_k if len_q == len_k else mask_q.reshape(-1).nonzero().squeeze(1)
+        plan = (indices_q, _cu_seqlens_from_lengths(mask_q.sum(dim=1, dtype=torch.int32)),
+                indices_k, _cu_seqlens_from_lengths(mask_k.sum(dim=1, dtype=torch.int32)))
+        if not torch.compiler.is_compiling():
+            self._mask_ref, self._key, self._plan = weakref.ref(attention_mask), key, plan
+        return plan
+
+
+_unpad_plans = _UnpadPlan()
 
 
 def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -158,10 +184,10 @@ def vitos_varlen_attention_forward(
     call = dict(causal=causal, softmax_scale=scaling, backend=_settings["backend"])
 
     if attention_mask is not None:  # padded batch: unpad -> varlen -> pad back
-        mask_k = attention_mask[:, -len_k:].bool()
-        k_rows, indices_k, cu_k = _unpad(k, mask_k)
+        indices_q, cu_q, indices_k, cu_k = _unpad_plans.get(attention_mask, len_q, len_k)
+        k_rows = k.reshape(-1, *k.shape[2:]).index_select(0, indices_k)
         v_rows = v.reshape(-1, *v.shape[2:]).index_select(0, indices_k)
-        q_rows, indices_q, cu_q = _unpad(q, attention_mask[:, -len_q:].bool())
+        q_rows = q.reshape(-1, *q.shape[2:]).index_select(0, indices_q)
         out_rows = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, len_q, len_k, check_values=False, **call)
         out = out_rows.new_zeros((batch * len_q, *out_rows.shape[1:])).index_put((indices_q,), out_rows)
         return out.view(batch, len_q, *out.shape[1:]), None
