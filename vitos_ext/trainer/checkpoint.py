@@ -5,10 +5,16 @@ Layout of ``<output_dir>/checkpoints/<name>/``:
     processor / tokenizer files                                (when a processor is given: a usable model folder)
     optimizer.pt        optimizer.state_dict() (absent for model-only checkpoints)
     reference.safetensors  the frozen KL reference's weights, when beta > 0
-    rng.pt              RNG states
+    rng.pt              RNG states (rank 0's in a data-parallel run)
+    rng_ranks.pt        every rank's RNG states, in rank order (data-parallel runs only)
     trainer_state.json  phase, step counters, data order, evaluation results, config
 A tracker file ``<output_dir>/checkpoints/latest.json`` names the newest complete checkpoint; it is written
 atomically *after* the checkpoint folder is complete, so a crash mid-save never leaves it pointing at a partial one.
+
+Data-parallel runs (vitos_ext/trainer/distributed.py) write the same layout from rank 0: model weights are always the
+full, unsharded state dict under the policy's own names (FSDP2 gathers them first), so any checkpoint loads into any
+strategy or a plain model. The optimizer file of an FSDP2 run holds torch.distributed.checkpoint's full optimizer state
+dict (keyed by parameter names) instead of ``optimizer.state_dict()``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ __all__ = [
 
 TRACKER_FILE = "latest.json"
 _STATE_FILE = "trainer_state.json"
+_RANK_RNG_FILE = "rng_ranks.pt"
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     processor=None,
     reference: torch.nn.Module | None = None,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a complete checkpoint folder (replacing one of the same name).
 
@@ -99,6 +111,11 @@ def save_checkpoint(
         optimizer: saved when given.
         processor: saved when given, so the folder is a standalone model directory.
         reference: the frozen KL reference model, saved when given.
+        model_state: the weights to write instead of ``model.state_dict()`` (a gathered full state dict of a
+            sharded model).
+        optimizer_state: the optimizer state to write instead of ``optimizer.state_dict()``.
+        rng_states: every rank's :func:`capture_rng_state`, in rank order (data-parallel runs); rng.pt then holds
+            rank 0's.
 
     Returns:
         The folder path.
@@ -108,15 +125,21 @@ def save_checkpoint(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    _save_weights(model, staging)
+    _save_weights(model, staging, model_state)
     if processor is not None:
         processor.save_pretrained(staging)
-    if optimizer is not None:
+    if optimizer_state is not None:
+        torch.save(optimizer_state, staging / "optimizer.pt")
+    elif optimizer is not None:
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     if reference is not None:
-        save_file({k: v.detach().contiguous() for k, v in reference.state_dict().items()},
+        save_file({k: v.detach().contiguous().cpu() for k, v in reference.state_dict().items()},
                   str(staging / "reference.safetensors"))
-    torch.save(capture_rng_state(), staging / "rng.pt")
+    if rng_states is not None:
+        torch.save(rng_states[0], staging / "rng.pt")
+        torch.save(list(rng_states), staging / _RANK_RNG_FILE)
+    else:
+        torch.save(capture_rng_state(), staging / "rng.pt")
     (staging / _STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
     if directory.exists():
         shutil.rmtree(directory)
@@ -124,14 +147,15 @@ def save_checkpoint(
     return directory
 
 
-def _save_weights(model: torch.nn.Module, directory: Path) -> None:
+def _save_weights(model: torch.nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Weights under the module's own state_dict names (exact round trip through load_state_dict) + config files.
 
     transformers' from_pretrained reads this folder too (current checkpoints use these names); save_pretrained
     is not used because it may rename keys to a legacy layout for some architectures. Tied tensors are stored once.
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. the gathered full weights of a sharded model).
     """
     tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
         if tensor.device.type != "meta" and key in seen:
             continue
@@ -172,6 +196,10 @@ def load_checkpoint_weights(
     optimizer: torch.optim.Optimizer | None = None,
     reference: torch.nn.Module | None = None,
     restore_rng: bool = True,
+    *,
+    rank: int = 0,
+    load_model_state: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Any] | None = None,
+    load_optimizer_state: Callable[[torch.optim.Optimizer, dict[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into existing objects (bit-exact) and return its trainer state.
 
@@ -180,7 +208,11 @@ def load_checkpoint_weights(
         model: receives the weights (in place, so a patched model stays patched).
         optimizer: receives the optimizer state when given and present in the checkpoint.
         reference: receives the KL reference weights when given and present.
-        restore_rng: restore the RNG states.
+        restore_rng: restore the RNG states: this rank's from rng_ranks.pt when the checkpoint has them, else rng.pt.
+        rank: this process's rank in a data-parallel run.
+        load_model_state: loads the full weights into ``model`` instead of load_state_dict (a sharded model);
+            returns load_state_dict's (missing, unexpected) key lists, which are checked the same way.
+        load_optimizer_state: loads the optimizer file instead of ``optimizer.load_state_dict``.
     """
     directory = Path(directory)
     if not (directory / _STATE_FILE).is_file():
@@ -189,15 +221,35 @@ def load_checkpoint_weights(
     for path in _weight_files(directory):
         tensors.update(load_file(str(path)))
     with torch.no_grad():
-        _load_state_dict_exact(model, tensors, directory)
+        if load_model_state is None:
+            _load_state_dict_exact(model, tensors, directory)
+        else:
+            missing, unexpected = load_model_state(model, tensors)
+            if unexpected:
+                raise ValueError(f"checkpoint {directory} has weights the model does not: {list(unexpected)[:5]}")
+            if missing:
+                raise ValueError(f"checkpoint {directory} lacks weights of the model: {list(missing)[:5]}")
     if optimizer is not None and (directory / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        optimizer_state = torch.load(directory / "optimizer.pt", weights_only=True)
+        if load_optimizer_state is None:
+            optimizer.load_state_dict(optimizer_state)
+        else:
+            load_optimizer_state(optimizer, optimizer_state)
     if reference is not None and (directory / "reference.safetensors").is_file():
         with torch.no_grad():
             _load_state_dict_exact(reference, load_file(str(directory / "reference.safetensors")), directory)
     if restore_rng:
-        restore_rng_state(torch.load(directory / "rng.pt", weights_only=True))
+        restore_rng_state(_rng_state_for_rank(directory, rank))
     return json.loads((directory / _STATE_FILE).read_text())
+
+
+def _rng_state_for_rank(directory: Path, rank: int) -> dict[str, Any]:
+    per_rank = directory / _RANK_RNG_FILE
+    if per_rank.is_file():
+        states = torch.load(per_rank, weights_only=True)
+        if rank < len(states):
+            return states[rank]
+    return torch.load(directory / "rng.pt", weights_only=True)
 
 
 def write_tracker(checkpoints_dir: str | os.PathLike, name: str, state: dict[str, Any]) -> None:
@@ -222,13 +274,15 @@ def read_tracker(checkpoints_dir: str | os.PathLike) -> CheckpointInfo | None:
     return CheckpointInfo(path=path, state=json.loads(state_file.read_text()))
 
 
-def save_model_folder(directory: str | os.PathLike, model: torch.nn.Module, processor=None) -> Path:
-    """A plain model folder (weights, config, generation config, processor) for inference / the demo."""
+def save_model_folder(directory: str | os.PathLike, model: torch.nn.Module, processor=None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """A plain model folder (weights, config, generation config, processor) for inference / the demo.
+    ``state_dict`` replaces ``model.state_dict()`` (the gathered weights of a sharded model)."""
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    _save_weights(model, directory)
+    _save_weights(model, directory, state_dict)
     if processor is not None:
         processor.save_pretrained(directory)
     return directory

@@ -7,6 +7,14 @@ prefill, so the KV cache holds only kept tokens.
 
 Generation never emits the vision placeholder tokens (they are suppressed): a sampled ``<|image_pad|>`` would make
 the completion unusable as model input.
+
+Row-seeded sampling (:class:`RowSeededSampler`, ``generate_completions(..., row_seeds=...)``): each rollout row draws
+its tokens from its own counter-based random stream, keyed by (row seed, token index), instead of the process-wide
+torch generator. A row's completion then depends only on its seed and its logits -- not on which other rows share
+its generate() call, how rows are chunked (``generation_batch_size``) or on which rank it runs. The data-parallel
+trainer uses it so that N processes sample the same rollouts as one process with the same global batch (verl gets
+the same property from per-request seeds in its inference engine). The distribution is exactly HF's: temperature,
+top-k and top-p are applied as in ``generate(do_sample=True)``, then one token is drawn by the Gumbel-max trick.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..parsing import parse_output
 from ..sparsity import keep_mask_from_boxes
@@ -24,6 +33,8 @@ from .logprobs import SparseSelection
 __all__ = [
     "SamplingSettings",
     "Rollouts",
+    "RowSeededSampler",
+    "rollout_row_seeds",
     "visual_token_counts",
     "sparse_selection",
     "generate_completions",
@@ -60,6 +71,8 @@ class Rollouts:
         boxes: parsed normalized boxes of each completion.
         selection: the visual tokens kept (sparse) or None (all tokens).
         kept_ratio: float32 [N], kept visual tokens / visual tokens per row (1.0 for grounding).
+        row_offset: index of the first row in the step's global rollout batch of this branch (data-parallel
+            ranks hold contiguous slices; 0 in one process). Row-seeded sampling keys on global rows.
     """
 
     branch: str
@@ -73,6 +86,7 @@ class Rollouts:
     selection: SparseSelection | None
     kept_ratio: torch.Tensor
     merge_size: int = 2
+    row_offset: int = 0
 
     @property
     def size(self) -> int:
@@ -150,10 +164,97 @@ def sparse_selection(
     return SparseSelection(keep, fuse), torch.tensor(ratios, dtype=torch.float32)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# row-seeded sampling
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, constant: int):
+    """(x * constant) mod 2**32 for 32-bit x (Python int or int64 tensor) without int64 overflow."""
+    return (x * (constant & 0xFFFF) + (((x * (constant >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x):
+    """A 32-bit avalanche hash (a bijection of [0, 2**32)); works on Python ints and int64 tensors alike."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def rollout_row_seeds(seed: int, step: int, stream: int, rows: torch.Tensor | list[int]) -> torch.Tensor:
+    """int64 [R] sampling seeds in [0, 2**32), one per global rollout row, from (run seed, global step, stream, row).
+
+    ``stream`` tells apart the rollout calls of one step (grounding, sparse, the fresh sparse rollouts of
+    "alternate"). The same (seed, step, stream, row) always gives the same seed, whatever process computes it.
+    """
+    key = _mix32(_mix32(_mix32(int(seed)) ^ (int(step) & _MASK32)) ^ (int(stream) & _MASK32))
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) > _MASK32):
+        raise ValueError("rows must be in [0, 2**32)")
+    return _mix32(rows ^ key)
+
+
+class RowSeededSampler(LogitsProcessor):
+    """Samples one token per row from that row's own random stream; returns scores that are 0 at the drawn token and
+    -inf elsewhere, so a greedy (do_sample=False) generate() emits exactly the drawn tokens.
+
+    Per step t (tokens generated so far) and row b, a uniform u[b, v] for every vocabulary entry v comes from a hash
+    of (row_seeds[b], t, v); the token is argmax_v(warped_scores[b, v] - log(-log u[b, v])) (Gumbel-max), a draw from
+    softmax(warped_scores[b]). Warping follows generate(do_sample=True): temperature, then top-k, then top-p.
+
+    Args:
+        seeds: int64 [B] per-row seeds (see :func:`rollout_row_seeds`), one per row of the generate() call.
+        temperature, top_k, top_p: as in :class:`SamplingSettings`.
+
+    Use one instance per generate() call (it records the prompt width at its first call).
+    """
+
+    def __init__(self, seeds: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+        if not isinstance(seeds, torch.Tensor) or seeds.dim() != 1 or seeds.dtype != torch.int64:
+            raise ValueError("seeds must be an int64 tensor [B]")
+        self.seeds = seeds
+        self.warpers = []
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+        self._prompt_width: int | None = None
+        self._vocab_hash: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != self.seeds.shape[0]:
+            raise ValueError(f"RowSeededSampler has {self.seeds.shape[0]} row seeds but generate() runs "
+                             f"{scores.shape[0]} rows")
+        if self._prompt_width is None:
+            self._prompt_width = input_ids.shape[1]
+        step = input_ids.shape[1] - self._prompt_width
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        vocab = scores.shape[-1]
+        if self._vocab_hash is None or self._vocab_hash.shape[0] != vocab or self._vocab_hash.device != scores.device:
+            self._vocab_hash = _mix32(torch.arange(vocab, dtype=torch.int64, device=scores.device) + 0x9E3779B9)
+        row_key = _mix32(self.seeds.to(scores.device) ^ _mix32(step + 0x85EBCA6B))
+        bits = _mix32(row_key[:, None] ^ self._vocab_hash[None, :]) >> 8  # 24 uniform bits per (row, token)
+        uniform = (bits.to(torch.float64) + 0.5) / float(1 << 24)  # in (0, 1)
+        gumbel = -torch.log(-torch.log(uniform))
+        choice = (scores.to(torch.float64) + gumbel).argmax(dim=-1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+
+
 def _generation_config(model: torch.nn.Module, settings: SamplingSettings, eos_ids: list[int],
-                       suppress_ids: list[int]) -> GenerationConfig:
+                       suppress_ids: list[int], row_seeded: bool = False) -> GenerationConfig:
     sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    if not settings.do_sample:
+    if not settings.do_sample or row_seeded:  # row-seeded sampling draws in its logits processor
         sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     pad = model.generation_config.pad_token_id
     return GenerationConfig(
@@ -182,6 +283,7 @@ def generate_completions(
     settings: SamplingSettings,
     selection: SparseSelection | None = None,
     merge_size: int = 2,
+    row_seeds: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Sample (or greedily decode) one completion per prompt row.
 
@@ -191,12 +293,17 @@ def generate_completions(
         settings: sampling settings.
         selection: visual tokens to keep per row (token-sparse rollouts) or None.
         merge_size: the vision tower's spatial merge size (to cut the keep mask per generation chunk).
+        row_seeds: int64 [B], one seed per row: sample with :class:`RowSeededSampler` (each row from its own
+            stream, independent of batching) instead of the global torch generator. Ignored when not sampling.
 
     Returns:
         (list of B int64 CPU tensors [n_i] ending with the end-of-turn token unless truncated, bool [B] truncated).
     """
     eos_ids, suppress_ids = special_token_ids(model)
-    config = _generation_config(model, settings, eos_ids, suppress_ids)
+    row_seeded = row_seeds is not None and settings.do_sample
+    if row_seeded and (row_seeds.dim() != 1 or row_seeds.shape[0] != prompt.size):
+        raise ValueError(f"row_seeds must be int64 [{prompt.size}] (one per prompt row), got {tuple(row_seeds.shape)}")
+    config = _generation_config(model, settings, eos_ids, suppress_ids, row_seeded)
     chunk = settings.batch_size or prompt.size
     counts = visual_token_counts(prompt.image_grid_thw, merge_size) if selection is not None else None
     completions, truncated = [], []
@@ -210,6 +317,10 @@ def generate_completions(
             if selection is not None:
                 keep = _rows_of_mask(selection.keep, counts, rows) if chunk < prompt.size else selection.keep
                 kwargs = SparseSelection(keep, selection.fuse).model_kwargs()
+            if row_seeded:
+                sampler = RowSeededSampler(row_seeds[rows].to(torch.int64), settings.temperature, settings.top_k,
+                                           settings.top_p)
+                kwargs["logits_processor"] = LogitsProcessorList([sampler])
             output = model.generate(**part.model_inputs(), generation_config=config, **kwargs)
             new_tokens = output[:, part.input_ids.shape[1]:].cpu()
             for row in new_tokens:
@@ -248,6 +359,7 @@ def make_rollouts(
     kept_ratio: torch.Tensor,
     patch_size: int,
     merge_size: int,
+    row_offset: int = 0,
 ) -> Rollouts:
     """Assemble :class:`Rollouts` from generated completions (decodes and parses them)."""
     texts = decode_completions(tokenizer, completions)
@@ -264,6 +376,7 @@ def make_rollouts(
         selection=selection,
         kept_ratio=kept_ratio,
         merge_size=merge_size,
+        row_offset=row_offset,
     )
     return rollouts
 

@@ -11,11 +11,16 @@ distributed trainer can wrap (shard rows, all-gather rewards and group ids befor
     4. update     :meth:`update_branch`                                     (clipped surrogate, optimizer steps)
 Gradient isolation: an update runs the training forward of its own branch's rollouts only; the other branch's
 rollouts enter as detached rewards (cross-feedback) or, for the sparse branch, as the boxes that select tokens.
+
+The training forward (:class:`~vitos_ext.trainer.logprobs.TrainingForward`) runs the packed layout -- all rows' kept
+tokens in one sequence through varlen attention, LM head at completion rows only -- where a fast varlen kernel exists
+(CUDA), else the padded one (``forward_layout``: "auto", "packed", "padded"). Under torchrun the trainer runs data-parallel (DDP or FSDP2, see
+vitos_ext/trainer/distributed.py): prompts are sharded by whole groups, rewards and group ids are all-gathered for
+the advantages, the loss is normalized by global counts, and rank 0 alone writes checkpoints, metrics and reports.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -29,19 +34,29 @@ import numpy as np
 import torch
 
 from ..patching import is_patched, patch_model
+from ..profiling import nvtx_range
 from .batching import PromptBatch, build_sequences
-from .checkpoint import load_checkpoint_weights, read_tracker, save_checkpoint, save_model_folder, write_tracker
+from .checkpoint import (
+    capture_rng_state,
+    load_checkpoint_weights,
+    read_tracker,
+    save_checkpoint,
+    save_model_folder,
+    write_tracker,
+)
 from .config import TrainerConfig
 from .data import DataOrder, TrainingData, gold_completion
+from .distributed import DataParallel, DistributedConfig, setup_distributed
 from .evaluate import EvalResult, evaluate_policy, format_eval_table
 from .grpo import clipped_surrogate_loss, group_advantages
-from .logprobs import SparseSelection, completion_logprobs
+from .logprobs import FORWARD_LAYOUTS, SparseSelection, TrainingForward, completion_logprobs, resolve_forward_layout
 from .metrics import MetricsLogger, plot_curves
 from .rollout import (
     Rollouts,
     SamplingSettings,
     generate_completions,
     make_rollouts,
+    rollout_row_seeds,
     sparse_selection,
     special_token_ids,
     vision_geometry,
@@ -63,6 +78,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _NoMetrics:
+    """The metrics sink of ranks other than 0 (rank 0 alone writes metrics.jsonl)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, global_step: int) -> None:
+        pass
+
+
 class DualStreamGRPOTrainer:
     """Trains one policy on the ViToS grounding and token-sparse branches.
 
@@ -74,10 +99,21 @@ class DualStreamGRPOTrainer:
         config: :class:`TrainerConfig`.
         eval_data: optional held-out data, evaluated at the end of every phase (and every ``eval_every`` steps).
         system_prompt: optional system message for every prompt.
+        forward_layout: the training forward's layout, "auto" (packed on CUDA or when the language model already
+            runs varlen attention, else padded), "packed" or "padded" (vitos_ext/trainer/logprobs.py). None: ``config.forward_layout`` if the config has that field,
+            else "auto".
+        distributed: a :class:`~vitos_ext.trainer.distributed.DistributedConfig` (strategy "ddp" or "fsdp2") or a
+            ready :class:`~vitos_ext.trainer.distributed.DataParallel`. None: DDP when launched by torchrun with
+            more than one process (or inside an initialized process group), a single process otherwise.
+        row_seeded_sampling: sample every rollout row from its own random stream keyed by (seed, step, global row)
+            (:class:`~vitos_ext.trainer.rollout.RowSeededSampler`), so rollouts do not depend on batching or on the
+            number of processes. None: on in data-parallel runs, off otherwise (the global torch generator).
     """
 
     def __init__(self, model, processor, train_data: TrainingData, config: TrainerConfig,
-                 eval_data: TrainingData | None = None, system_prompt: str | None = None):
+                 eval_data: TrainingData | None = None, system_prompt: str | None = None, *,
+                 forward_layout: str | None = None, distributed: DistributedConfig | DataParallel | None = None,
+                 row_seeded_sampling: bool | None = None):
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
         if not isinstance(train_data, TrainingData) or len(train_data) == 0:
@@ -100,13 +136,29 @@ class DualStreamGRPOTrainer:
         self.eos_ids, _ = special_token_ids(model)
         self.eos_token = self.tokenizer.convert_ids_to_tokens(self.eos_ids[0])
 
+        self.dist = distributed if isinstance(distributed, DataParallel) else setup_distributed(distributed,
+                                                                                                self.device)
+        self.is_main = self.dist.is_main
+        self._check_data_parallel_sizes()
+        self.forward_layout = forward_layout if forward_layout is not None else \
+            getattr(config, "forward_layout", "auto")
+        if self.forward_layout not in FORWARD_LAYOUTS:
+            raise ValueError(f"forward_layout must be one of {FORWARD_LAYOUTS}, got {self.forward_layout!r}")
+        resolve_forward_layout(self.model, self.forward_layout)  # "packed" that cannot run fails here, not mid-run
+        self.row_seeded_sampling = self.dist.distributed if row_seeded_sampling is None else bool(row_seeded_sampling)
+
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLogger(self.output_dir / "metrics.jsonl")
-        config.save(self.output_dir / "config.json")
-        self._write_data_report()
+        self.metrics = MetricsLogger(self.output_dir / "metrics.jsonl") if self.is_main else _NoMetrics()
+        if self.is_main:
+            config.save(self.output_dir / "config.json")
+            self._write_data_report()
 
+        # the module every gradient-carrying policy forward goes through (DDP / FSDP2 wrap it when data-parallel)
+        self.training_forward = self.dist.wrap(TrainingForward(self.model, self.forward_layout))
+        self._prompt_offset = 0  # first global prompt slot of this rank's share of the current step
+        self._rollout_calls = 0  # rollout generate() calls in the current step (a row-seeding stream id)
         self.order = DataOrder(len(train_data), config.seed)
         self.optimizer: torch.optim.Optimizer | None = None
         self.reference: torch.nn.Module | None = None
@@ -125,6 +177,17 @@ class DualStreamGRPOTrainer:
     def _phase_steps(self, phase: str) -> int:
         return {"sft": self.config.sft_steps, "grounding": self.config.grounding_steps,
                 "sparse": self.config.sparse_steps, "alternate": self.config.alternate_steps}[phase]
+
+    def _check_data_parallel_sizes(self) -> None:
+        """Global batch sizes must split evenly over the ranks (each rank runs the same number of steps)."""
+        if not self.dist.distributed:
+            return
+        config = self.config
+        self.dist.shard(config.prompts_per_step, "prompts_per_step")
+        if config.sft_steps:
+            self.dist.shard(config.sft_batch_size, "sft_batch_size")
+        if config.mini_batch_size is not None:
+            self.dist.shard(config.mini_batch_size, "mini_batch_size")
 
     def _write_data_report(self) -> None:
         reports = {"train": self.train_data.report.to_dict()}
@@ -167,9 +230,7 @@ class DualStreamGRPOTrainer:
         self.optimizer = self._new_optimizer(phase)
         self.reference = None
         if phase != "sft" and self.config.beta > 0:
-            self.reference = copy.deepcopy(self.model).eval()  # frozen KL reference: the policy at phase start
-            for parameter in self.reference.parameters():
-                parameter.requires_grad_(False)
+            self.reference = self.dist.frozen_copy(self.model)  # frozen KL reference: the policy at phase start
 
     def _state_for_checkpoint(self) -> dict[str, Any]:
         return {**self.state, "data_order": self.order.state_dict(), "config": self.config.to_dict()}
@@ -177,11 +238,19 @@ class DualStreamGRPOTrainer:
     def save(self, name: str, keep: bool = False) -> Path:
         """Save a checkpoint ``checkpoints/<name>`` and point the tracker at it; older step checkpoints beyond
         ``keep_checkpoints`` are deleted unless ``keep`` (stage ends are always kept)."""
-        path = save_checkpoint(self.checkpoint_dir / name, self.model, self._state_for_checkpoint(),
-                               optimizer=self.optimizer, processor=self.processor, reference=self.reference)
-        write_tracker(self.checkpoint_dir, name, self.state)
-        if not keep:
-            self._rotate_step_checkpoints(name)
+        # collectives first (every rank): gathered weights / optimizer state (FSDP2), every rank's RNG states
+        rng_states = self.dist.gather_objects(capture_rng_state()) if self.dist.distributed else None
+        model_state = self.dist.model_state_dict(self.model)
+        optimizer_state = self.dist.optimizer_state_dict(self.optimizer) if self.optimizer is not None else None
+        path = self.checkpoint_dir / name
+        if self.is_main:
+            save_checkpoint(path, self.model, self._state_for_checkpoint(), optimizer=self.optimizer,
+                            processor=self.processor, reference=self.reference, model_state=model_state,
+                            optimizer_state=optimizer_state, rng_states=rng_states)
+            write_tracker(self.checkpoint_dir, name, self.state)
+            if not keep:
+                self._rotate_step_checkpoints(name)
+        self.dist.barrier()  # no rank moves on (or resumes) before the checkpoint and its tracker exist
         return path
 
     def _rotate_step_checkpoints(self, current: str) -> None:
@@ -211,15 +280,15 @@ class DualStreamGRPOTrainer:
         self.optimizer = self._new_optimizer(phase) if phase and not saved["phase_complete"] else None
         self.reference = None
         if phase and phase != "sft" and self.config.beta > 0 and not saved["phase_complete"]:
-            self.reference = copy.deepcopy(self.model).eval()
-            for parameter in self.reference.parameters():
-                parameter.requires_grad_(False)
-        saved = load_checkpoint_weights(path, self.model, optimizer=self.optimizer, reference=self.reference)
+            self.reference = self.dist.frozen_copy(self.model)
+        saved = load_checkpoint_weights(path, self.model, optimizer=self.optimizer, reference=self.reference,
+                                        rank=self.dist.rank, **self.dist.state_loaders())
         self.order.load_state_dict(saved.pop("data_order"))
         saved.pop("config", None)
         self.state = saved
         self.metrics.truncate_after(self.state["global_step"])
-        logger.info("resumed from %s (phase %s, step %d)", path, phase, self.state["phase_step"])
+        if self.is_main:
+            logger.info("resumed from %s (phase %s, step %d)", path, phase, self.state["phase_step"])
         return self.state
 
     # ------------------------------------------------------------------------------------------------------
@@ -257,7 +326,7 @@ class DualStreamGRPOTrainer:
             self._resume_from_previous_stage(phase)
             self._start_phase(phase)
         total = self._phase_steps(phase)
-        progress = _progress_bar(total, self.state["phase_step"], phase, self.config.progress)
+        progress = _progress_bar(total, self.state["phase_step"], phase, self.config.progress and self.is_main)
         try:
             while self.state["phase_step"] < total:
                 if stop_at_step is not None and self.state["global_step"] >= stop_at_step:
@@ -280,7 +349,7 @@ class DualStreamGRPOTrainer:
         """Stage 2 starts from the stage-1 checkpoint named by the tracker (a no-op in the same process, where the
         weights already are those; a new process gets them through :meth:`train` with resume)."""
         info = read_tracker(self.checkpoint_dir)
-        if phase == "sparse" and info is not None and info.state.get("phase") == "grounding":
+        if phase == "sparse" and info is not None and info.state.get("phase") == "grounding" and self.is_main:
             logger.info("stage 2 starts from %s", info.path)
 
     def _after_step(self, phase: str, step_metrics: dict[str, Any], progress) -> None:
@@ -305,22 +374,27 @@ class DualStreamGRPOTrainer:
         self.save(f"{phase}-final", keep=True)
 
     def _finish(self) -> None:
-        save_model_folder(self.output_dir / "final", self.model, self.processor)
-        results = self.state["eval_results"]
-        if results:
-            (self.output_dir / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
-            (self.output_dir / "eval_table.md").write_text(format_eval_table(results) + "\n")
-        plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
+        model_state = self.dist.model_state_dict(self.model)  # collective under FSDP2
+        if self.is_main:
+            save_model_folder(self.output_dir / "final", self.model, self.processor, state_dict=model_state)
+            results = self.state["eval_results"]
+            if results:
+                (self.output_dir / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
+                (self.output_dir / "eval_table.md").write_text(format_eval_table(results) + "\n")
+            plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
+        self.dist.barrier()
 
     def _record_failure(self, error: Exception) -> None:
         info = read_tracker(self.checkpoint_dir)
         last_good = str(info.path) if info is not None else None
         record = {"error": str(error), "phase": self.state["phase"], "global_step": self.state["global_step"],
                   "last_good_checkpoint": last_good}
-        (self.output_dir / "FAILED.json").write_text(json.dumps(record, indent=1) + "\n")
+        if self.is_main:
+            (self.output_dir / "FAILED.json").write_text(json.dumps(record, indent=1) + "\n")
         error.args = (f"{error} -- training stopped at global step {self.state['global_step']} "
                       f"(phase {self.state['phase']}); last good checkpoint: {last_good or 'none saved yet'}",)
-        logger.error("%s", error.args[0])
+        if self.is_main:
+            logger.error("%s", error.args[0])
 
     # ------------------------------------------------------------------------------------------------------
     # evaluation
@@ -332,30 +406,49 @@ class DualStreamGRPOTrainer:
             raise ValueError("evaluate() needs eval_data")
         examples = self.eval_data.examples[: self.config.eval_max_samples]
         keys = [("eval", i) for i in range(len(examples))]
-        with torch.random.fork_rng(devices=[]):
-            result = evaluate_policy(self.model, self.encoder, examples, self.config.eval_batch_size,
-                                     self.config.max_new_tokens, self.config.dilate, self.config.fuse_tokens,
-                                     self.config.no_box_policy, cache_keys=keys)
+        start, stop = self.dist.split(len(examples))  # data-parallel: each rank decodes its slice
+        local = None
+        with nvtx_range("vitos.trainer.evaluate"), torch.random.fork_rng(devices=[]), \
+                self.dist.gathered_parameters():
+            if stop > start:
+                local = evaluate_policy(self.model, self.encoder, examples[start:stop], self.config.eval_batch_size,
+                                        self.config.max_new_tokens, self.config.dilate, self.config.fuse_tokens,
+                                        self.config.no_box_policy, cache_keys=keys[start:stop])
+        result = self._combine_eval(local)
         record = {"global_step": self.state["global_step"], "phase": self.state["phase"], **result.as_dict("eval/")}
         if label is not None:
             record["eval/label"] = label
             self.state["eval_results"][label] = result.as_dict()
         self.metrics.log(record)
-        logger.info("eval %s: %s", label or f"step {self.state['global_step']}", result)
+        if self.is_main:
+            logger.info("eval %s: %s", label or f"step {self.state['global_step']}", result)
         return result
+
+    def _combine_eval(self, local: EvalResult | None) -> EvalResult:
+        """One process's view of a sharded evaluation: per-sample means weighted by each rank's sample count."""
+        if not self.dist.distributed:
+            return local
+        parts = [p for p in self.dist.gather_objects(local.as_dict() if local is not None else None) if p]
+        total = sum(p["num_samples"] for p in parts)
+        fields = [k for k in parts[0] if k not in ("num_samples", "seconds")]
+        means = {k: sum(p[k] * p["num_samples"] for p in parts) / total for k in fields}
+        return EvalResult(num_samples=total, seconds=max(p["seconds"] for p in parts), **means)
 
     # ------------------------------------------------------------------------------------------------------
     # SFT
 
-    def _sft_selection(self, examples: list, prompt: PromptBatch) -> SparseSelection | None:
-        """Keep mask of an SFT batch: the last ``sft_sparse_fraction`` of the rows see only the visual tokens in
-        their gold boxes, the others all tokens (one pruned forward serves both: a row keeping everything is the
-        full-token forward)."""
-        sparse_rows = round(len(examples) * self.config.sft_sparse_fraction)
+    def _sft_selection(self, examples: list, prompt: PromptBatch, first_row: int = 0,
+                       total_rows: int | None = None) -> SparseSelection | None:
+        """Keep mask of an SFT batch: the last ``sft_sparse_fraction`` of the (global) batch rows see only the
+        visual tokens in their gold boxes, the others all tokens (one pruned forward serves both: a row keeping
+        everything is the full-token forward). ``first_row`` / ``total_rows`` place this rank's rows in the global
+        batch."""
+        total_rows = len(examples) if total_rows is None else total_rows
+        sparse_rows = round(total_rows * self.config.sft_sparse_fraction)
         if sparse_rows == 0:
             return None
-        first_sparse = len(examples) - sparse_rows
-        boxes = [e.gold_boxes if row >= first_sparse else [] for row, e in enumerate(examples)]
+        first_sparse = total_rows - sparse_rows
+        boxes = [e.gold_boxes if first_row + row >= first_sparse else [] for row, e in enumerate(examples)]
         selection, _ = sparse_selection(boxes, prompt.image_grid_thw.cpu(), self.merge_size, self.config.dilate,
                                         self.config.fuse_tokens, no_box_policy="all_visual_tokens")
         return SparseSelection(selection.keep.to(self.device), selection.fuse)
@@ -363,7 +456,9 @@ class DualStreamGRPOTrainer:
     def sft_step(self) -> dict[str, float]:
         """One supervised step on gold outputs: -mean log p(gold completion tokens) over the batch (a fraction of
         the rows on their gold-box token-sparse view, see ``sft_sparse_fraction``)."""
-        indices = self.order.next_indices(self.config.sft_batch_size)
+        global_indices = self.order.next_indices(self.config.sft_batch_size)
+        start, stop = self.dist.shard(len(global_indices), "sft_batch_size")
+        indices = global_indices[start:stop]
         examples = [self.train_data[i] for i in indices]
         prompt = self.encoder.batch(examples, keys=indices).to(self.device)
         targets = [torch.tensor(self.tokenizer(gold_completion(e.sample, self.eos_token),
@@ -372,32 +467,39 @@ class DualStreamGRPOTrainer:
         sequences = type(sequences)(sequences.prompt, sequences.completion_ids.to(self.device),
                                     sequences.completion_mask.to(self.device))
         self.model.train()
-        logprobs = completion_logprobs(self.model, sequences, self._sft_selection(examples, prompt))
+        selection = self._sft_selection(examples, prompt, start, len(global_indices))
+        logprobs = self.training_forward(sequences, selection)
         mask = sequences.completion_mask.to(logprobs.dtype)
-        loss = -(logprobs * mask).sum() / mask.sum().clamp_min(1.0)
+        normalizer = self.dist.loss_normalizer(mask.sum())  # data-parallel: global token count / world size
+        loss = -(logprobs * mask).sum() / (mask.sum().clamp_min(1.0) if normalizer is None else normalizer)
         grad_norm = self._optimizer_step(loss, "sft")
-        return {"sft/loss": loss.item(), "sft/grad_norm": grad_norm, "lr": self._current_lr()}
+        return {"sft/loss": self.dist.mean({"loss": loss.item()})["loss"], "sft/grad_norm": grad_norm,
+                "lr": self._current_lr()}
 
     def _current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
 
     def _optimizer_step(self, loss: torch.Tensor, phase: str) -> float:
         """Backward + clip + step, refusing to apply a non-finite loss or gradient."""
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteError(f"non-finite {phase} loss ({loss.item()})")
+        finite = bool(torch.isfinite(loss))
+        if self.dist.any(not finite):  # a collective decision: every rank stops at the same step
+            where = "" if not self.dist.distributed else \
+                f" on rank {self.dist.rank}" if not finite else " on another rank"
+            raise NonFiniteError(f"non-finite {phase} loss ({loss.item()}){where}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with nvtx_range("vitos.trainer.backward"):
+            loss.backward()
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), max_norm)
-        if not bool(torch.isfinite(grad_norm)):
+        grad_norm = self.dist.clip_grad_norm(self._trainable_parameters(), max_norm)  # of the synchronized grads
+        if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(f"non-finite {phase} gradient norm ({float(grad_norm)})")
+            raise NonFiniteError(f"non-finite {phase} gradient norm ({grad_norm})")
         lr = self._learning_rate(self.state["phase"] or phase, self.state["phase_step"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.state["optimizer_steps"] += 1
-        return float(grad_norm)
+        return grad_norm
 
     # ------------------------------------------------------------------------------------------------------
     # GRPO: rollouts
@@ -408,22 +510,40 @@ class DualStreamGRPOTrainer:
                                 top_p=c.top_p, top_k=c.top_k, batch_size=c.generation_batch_size)
 
     def next_prompts(self) -> tuple[list[int], PromptBatch]:
-        """The next ``prompts_per_step`` dataset indices (data order) and their encoded prompt batch."""
-        indices = self.order.next_indices(self.config.prompts_per_step)
+        """The dataset indices of this rank's share of the next ``prompts_per_step`` prompts (data order; all of
+        them in one process) and their encoded prompt batch."""
+        global_indices = self.order.next_indices(self.config.prompts_per_step)
+        start, stop = self.dist.shard(len(global_indices), "prompts_per_step")
+        self._prompt_offset = start
+        indices = global_indices[start:stop]
         prompt = self.encoder.batch([self.train_data[i] for i in indices], keys=indices).to(self.device)
         return indices, prompt
 
+    def _row_seeds(self, first_row: int, count: int) -> torch.Tensor | None:
+        """Per-row sampling seeds of the next rollout call (global rows first_row ..), or None (global RNG)."""
+        stream = self._rollout_calls
+        self._rollout_calls += 1
+        if not self.row_seeded_sampling:
+            return None
+        return rollout_row_seeds(self.config.seed, self.state["global_step"], stream,
+                                 torch.arange(first_row, first_row + count))
+
     def rollout_grounding(self, indices: list[int], prompt: PromptBatch) -> Rollouts:
-        """G rollouts per prompt with all visual tokens (rows prompt-major: prompt p owns rows p*G .. p*G+G-1)."""
-        rows = torch.arange(prompt.size).repeat_interleave(self.config.group_size)
+        """G rollouts per prompt with all visual tokens (rows prompt-major: prompt p owns rows p*G .. p*G+G-1).
+        Group ids are global prompt slots (this rank's first prompt is slot ``prompts_per_step / world * rank``)."""
+        group = self.config.group_size
+        rows = torch.arange(prompt.size).repeat_interleave(group)
         expanded = prompt.select(rows)
-        completions, truncated = generate_completions(self.model, expanded, self._sampling(),
-                                                      merge_size=self.merge_size)
+        row_offset = self._prompt_offset * group
+        with nvtx_range("vitos.trainer.rollout.grounding"), self.dist.gathered_parameters():
+            completions, truncated = generate_completions(self.model, expanded, self._sampling(),
+                                                          merge_size=self.merge_size,
+                                                          row_seeds=self._row_seeds(row_offset, rows.numel()))
         return make_rollouts("grounding", self.tokenizer, expanded.to("cpu"), completions, truncated,
-                             group_ids=rows, example_ids=[indices[r] for r in rows.tolist()],
+                             group_ids=rows + self._prompt_offset, example_ids=[indices[r] for r in rows.tolist()],
                              parent=torch.full((rows.numel(),), -1, dtype=torch.int64), selection=None,
                              kept_ratio=torch.ones(rows.numel()), patch_size=self.patch_size,
-                             merge_size=self.merge_size)
+                             merge_size=self.merge_size, row_offset=row_offset)
 
     def rollout_sparse(self, grounding: Rollouts) -> Rollouts:
         """G' rollouts per grounding rollout O_i that see only the visual tokens inside O_i's boxes (rows
@@ -435,13 +555,16 @@ class DualStreamGRPOTrainer:
         selection, kept_ratio = sparse_selection(boxes, prompt.image_grid_thw, self.merge_size, config.dilate,
                                                  config.fuse_tokens, config.no_box_policy)
         device_selection = type(selection)(selection.keep.to(self.device), selection.fuse)
-        completions, truncated = generate_completions(self.model, prompt.to(self.device), self._sampling(),
-                                                      device_selection, self.merge_size)
+        row_offset = grounding.row_offset * config.sparse_group
+        with nvtx_range("vitos.trainer.rollout.sparse"), self.dist.gathered_parameters():
+            completions, truncated = generate_completions(self.model, prompt.to(self.device), self._sampling(),
+                                                          device_selection, self.merge_size,
+                                                          row_seeds=self._row_seeds(row_offset, parent.numel()))
         return make_rollouts("sparse", self.tokenizer, prompt, completions, truncated,
                              group_ids=grounding.group_ids[parent],
                              example_ids=[grounding.example_ids[i] for i in parent.tolist()], parent=parent,
                              selection=selection, kept_ratio=kept_ratio, patch_size=self.patch_size,
-                             merge_size=self.merge_size)
+                             merge_size=self.merge_size, row_offset=row_offset)
 
     # ------------------------------------------------------------------------------------------------------
     # GRPO: rewards
@@ -451,7 +574,23 @@ class DualStreamGRPOTrainer:
         return [(w * self.patch_size, h * self.patch_size) for _, h, w in grid]
 
     def score(self, grounding: Rollouts, sparse: Rollouts | None) -> tuple[RewardTerms, RewardTerms | None]:
-        """Reward terms of both branches (cross-feedback links them). Raises NonFiniteError on NaN/inf."""
+        """Reward terms of both branches (cross-feedback links them). Raises NonFiniteError on NaN/inf (on every
+        rank when any rank has one)."""
+        failure: NonFiniteError | None = None
+        with nvtx_range("vitos.trainer.score"):
+            try:
+                terms = self._score(grounding, sparse)
+            except NonFiniteError as error:
+                failure = error
+        if self.dist.any(failure is not None):
+            raise failure if failure is not None else NonFiniteError("non-finite reward on another rank")
+        return terms
+
+    def _reward_means(self, terms: RewardTerms, prefix: str) -> dict[str, float]:
+        """Means of every reward term over the global batch (one process: this batch)."""
+        return self.dist.mean(terms.means(prefix), weight=terms.total.numel())
+
+    def _score(self, grounding: Rollouts, sparse: Rollouts | None) -> tuple[RewardTerms, RewardTerms | None]:
         weights = self.config
         g_examples = [self.train_data[i] for i in grounding.example_ids]
         g_sizes = self._image_sizes(grounding)
@@ -475,7 +614,9 @@ class DualStreamGRPOTrainer:
                                     sequences.completion_mask.to(self.device))
         if selection is not None:
             selection = type(selection)(selection.keep.to(self.device), selection.fuse)
-        return completion_logprobs(model, sequences, selection, self.config.temperature)
+        if model is self.model:  # the policy: through the (data-parallel wrapped) training forward
+            return self.training_forward(sequences, selection, self.config.temperature)
+        return completion_logprobs(model, sequences, selection, self.config.temperature, self.forward_layout)
 
     def _frozen_logprobs(self, model: torch.nn.Module, rollouts: Rollouts, batches: list[torch.Tensor]):
         """Per mini-batch log-probs under a frozen model (old policy or reference), no grad."""
@@ -495,38 +636,49 @@ class DualStreamGRPOTrainer:
             Metrics prefixed with the branch name.
         """
         config, branch = self.config, rollouts.branch
-        advantages = group_advantages(terms.total, rollouts.group_ids, config.advantage_scale,
-                                      config.advantage_epsilon)
-        size = config.mini_batch_size or rollouts.size
+        # advantages over the global batch: all-gather (reward, group id) -- group ids are global prompt slots
+        global_rewards, global_groups = self.dist.gather(terms.total), self.dist.gather(rollouts.group_ids)
+        global_advantages = group_advantages(global_rewards, global_groups, config.advantage_scale,
+                                             config.advantage_epsilon)
+        first = int(self.dist.gather(torch.tensor([rollouts.size]))[:self.dist.rank].sum())
+        advantages = global_advantages[first:first + rollouts.size]
+        # mini_batch_size is global: each rank takes its share of every optimizer step
+        size = (config.mini_batch_size // self.dist.world_size if config.mini_batch_size else None) or rollouts.size
         batches = [torch.arange(s, min(s + size, rollouts.size)) for s in range(0, rollouts.size, size)]
         needs_old = config.updates_per_batch > 1 or len(batches) > 1
         old = self._frozen_logprobs(self.model, rollouts, batches) if needs_old else None
         reference = self._frozen_logprobs(self.reference, rollouts, batches) if self.reference is not None else None
         losses, stats_sum, grad_norms = [], {}, []
         self.model.train()
-        for _ in range(config.updates_per_batch):
-            for index, rows in enumerate(batches):
-                logprobs = self._branch_logprobs(self.model, rollouts, rows)
-                sequences, _ = rollouts.select(rows)
-                mask = sequences.completion_mask.to(self.device).bool()
-                if config.mask_truncated_completions:
-                    mask = mask & ~rollouts.truncated[rows].to(self.device)[:, None]
-                loss, stats = clipped_surrogate_loss(
-                    logprobs, old[index] if old is not None else logprobs.detach(), advantages[rows].to(self.device),
-                    mask, config.epsilon_low, config.epsilon_high,
-                    ref_logprobs=reference[index] if reference is not None else None, beta=config.beta,
-                    aggregation=config.loss_aggregation, max_length=config.max_new_tokens)
-                grad_norms.append(self._optimizer_step(loss, branch))
-                losses.append(loss.item())
-                for key, value in stats.as_dict().items():
-                    stats_sum[key] = stats_sum.get(key, 0.0) + value
+        with nvtx_range(f"vitos.trainer.update.{branch}"):
+            for _ in range(config.updates_per_batch):
+                for index, rows in enumerate(batches):
+                    logprobs = self._branch_logprobs(self.model, rollouts, rows)
+                    sequences, _ = rollouts.select(rows)
+                    mask = sequences.completion_mask.to(self.device).bool()
+                    if config.mask_truncated_completions:
+                        mask = mask & ~rollouts.truncated[rows].to(self.device)[:, None]
+                    # data-parallel: this rank's share of the global mini-batch's mean (None in one process)
+                    tokens = mask.sum()
+                    normalizer = self.dist.loss_normalizer(tokens if config.loss_aggregation == "token-mean"
+                                                           else rows.numel())
+                    loss, stats = clipped_surrogate_loss(
+                        logprobs, old[index] if old is not None else logprobs.detach(),
+                        advantages[rows].to(self.device), mask, config.epsilon_low, config.epsilon_high,
+                        ref_logprobs=reference[index] if reference is not None else None, beta=config.beta,
+                        aggregation=config.loss_aggregation, normalizer=normalizer, max_length=config.max_new_tokens)
+                    grad_norms.append(self._optimizer_step(loss, branch))
+                    losses.append(self.dist.mean({"loss": loss.item()})["loss"])
+                    for key, value in self.dist.mean(stats.as_dict(), weight=float(tokens)).items():
+                        stats_sum[key] = stats_sum.get(key, 0.0) + value
         count = len(losses)
         lengths = rollouts.sequences.completion_mask.sum(1).float()
         metrics = {f"{branch}/loss": sum(losses) / count, f"{branch}/grad_norm": sum(grad_norms) / count,
-                   f"{branch}/advantage_abs_mean": float(advantages.abs().mean()),
-                   f"{branch}/completion_length": float(lengths.mean()),
-                   f"{branch}/truncated_fraction": float(rollouts.truncated.float().mean()),
-                   f"{branch}/kept_ratio": float(rollouts.kept_ratio.mean()), "lr": self._current_lr()}
+                   f"{branch}/advantage_abs_mean": float(global_advantages.abs().mean()), "lr": self._current_lr()}
+        metrics.update(self.dist.mean({f"{branch}/completion_length": float(lengths.mean()),
+                                       f"{branch}/truncated_fraction": float(rollouts.truncated.float().mean()),
+                                       f"{branch}/kept_ratio": float(rollouts.kept_ratio.mean())},
+                                      weight=rollouts.size))
         metrics.update({f"{branch}/{key}": value / count for key, value in stats_sum.items()})
         return metrics
 
@@ -537,24 +689,29 @@ class DualStreamGRPOTrainer:
             raise ValueError(f"phase must be 'grounding', 'sparse' or 'alternate', got {phase!r}")
         metrics: dict[str, float] = {}
         started = time.perf_counter()
+        self._rollout_calls = 0
         indices, prompt = self.next_prompts()
-        grounding = self.rollout_grounding(indices, prompt)
-        needs_sparse = phase != "grounding" or self.config.grounding_rewards.cross != 0
-        sparse = self.rollout_sparse(grounding) if needs_sparse else None
+        with nvtx_range("vitos.trainer.rollout"):
+            grounding = self.rollout_grounding(indices, prompt)
+            needs_sparse = phase != "grounding" or self.config.grounding_rewards.cross != 0
+            sparse = self.rollout_sparse(grounding) if needs_sparse else None
         g_terms, s_terms = self.score(grounding, sparse)
         metrics["rollout_seconds"] = time.perf_counter() - started
-        metrics.update(g_terms.means("grounding/reward/"))
+        metrics.update(self._reward_means(g_terms, "grounding/reward/"))
         if s_terms is not None:
-            metrics.update(s_terms.means("sparse/reward/"))
-            metrics["sparse/kept_ratio"] = float(sparse.kept_ratio.mean())
-        if phase in ("grounding", "alternate"):
-            metrics.update(self.update_branch(grounding, g_terms))
+            metrics.update(self._reward_means(s_terms, "sparse/reward/"))
+            metrics.update(self.dist.mean({"sparse/kept_ratio": float(sparse.kept_ratio.mean())}, weight=sparse.size))
+        with nvtx_range("vitos.trainer.update"):
+            if phase in ("grounding", "alternate"):
+                metrics.update(self.update_branch(grounding, g_terms))
         if phase == "alternate":
-            sparse = self.rollout_sparse(grounding)
+            with nvtx_range("vitos.trainer.rollout"):
+                sparse = self.rollout_sparse(grounding)
             _, s_terms = self.score(grounding, sparse)
-            metrics.update(s_terms.means("sparse/reward/"))
-        if phase in ("sparse", "alternate"):
-            metrics.update(self.update_branch(sparse, s_terms))
+            metrics.update(self._reward_means(s_terms, "sparse/reward/"))
+        with nvtx_range("vitos.trainer.update"):
+            if phase in ("sparse", "alternate"):
+                metrics.update(self.update_branch(sparse, s_terms))
         return metrics
 
 
