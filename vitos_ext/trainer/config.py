@@ -13,7 +13,7 @@ from .grpo import ADVANTAGE_SCALES, LOSS_AGGREGATIONS
 
 __all__ = [
     "SCHEDULES",
-    "SPARSE_FORWARDS",
+    "FORWARD_LAYOUTS",
     "NO_BOX_POLICIES",
     "GroundingRewardWeights",
     "SparseRewardWeights",
@@ -21,8 +21,8 @@ __all__ = [
 ]
 
 SCHEDULES = ("stages", "alternate")
-# how the token-sparse training forward runs (see vitos_ext/trainer/logprobs.py)
-SPARSE_FORWARDS = ("padded",)
+# layout of the training forward (see vitos_ext/trainer/logprobs.py): "auto" = packed when varlen attention is fast
+FORWARD_LAYOUTS = ("auto", "packed", "padded")
 # what the sparse branch sees when a grounding rollout produced no valid box
 NO_BOX_POLICIES = ("no_visual_tokens", "all_visual_tokens")
 
@@ -139,7 +139,7 @@ class TrainerConfig:
     dilate: int = 0
     fuse_tokens: bool = False
     no_box_policy: str = "no_visual_tokens"
-    sparse_forward: str = "padded"
+    forward_layout: str = "auto"
 
     # evaluation, logging, checkpoints
     eval_every: int = 0  # GRPO steps between held-out evaluations (0: only at stage ends)
@@ -175,8 +175,8 @@ class TrainerConfig:
             raise ValueError(f"advantage_scale must be one of {ADVANTAGE_SCALES}, got {self.advantage_scale!r}")
         if self.no_box_policy not in NO_BOX_POLICIES:
             raise ValueError(f"no_box_policy must be one of {NO_BOX_POLICIES}, got {self.no_box_policy!r}")
-        if self.sparse_forward not in SPARSE_FORWARDS:
-            raise ValueError(f"sparse_forward must be one of {SPARSE_FORWARDS}, got {self.sparse_forward!r}")
+        if self.forward_layout not in FORWARD_LAYOUTS:
+            raise ValueError(f"forward_layout must be one of {FORWARD_LAYOUTS}, got {self.forward_layout!r}")
         if not isinstance(self.output_dir, (str, Path)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         _positive_int("seed", self.seed, minimum=0)

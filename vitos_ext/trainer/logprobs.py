@@ -40,6 +40,7 @@ import torch
 
 from ..profiling import nvtx_range
 from .batching import SequenceBatch
+from .config import FORWARD_LAYOUTS
 
 __all__ = [
     "FORWARD_LAYOUTS",
@@ -52,7 +53,6 @@ __all__ = [
 
 logger = logging.getLogger("vitos_ext.trainer")
 
-FORWARD_LAYOUTS = ("auto", "packed", "padded")
 # model families whose packed forward is implemented (Qwen3-VL adds DeepStack features inside its language model,
 # which prune_packed_batch does not carry; LLaVA has no M-RoPE positions to gather -- neither is a trainer model)
 _PACKED_FAMILIES = ("qwen2_vl", "qwen2_5_vl")

@@ -100,8 +100,7 @@ class DualStreamGRPOTrainer:
         eval_data: optional held-out data, evaluated at the end of every phase (and every ``eval_every`` steps).
         system_prompt: optional system message for every prompt.
         forward_layout: the training forward's layout, "auto" (packed on CUDA or when the language model already
-            runs varlen attention, else padded), "packed" or "padded" (vitos_ext/trainer/logprobs.py). None: ``config.forward_layout`` if the config has that field,
-            else "auto".
+            runs varlen attention, else padded), "packed" or "padded" (vitos_ext/trainer/logprobs.py). None: ``config.forward_layout``.
         distributed: a :class:`~vitos_ext.trainer.distributed.DistributedConfig` (strategy "ddp" or "fsdp2") or a
             ready :class:`~vitos_ext.trainer.distributed.DataParallel`. None: DDP when launched by torchrun with
             more than one process (or inside an initialized process group), a single process otherwise.
@@ -141,7 +140,7 @@ class DualStreamGRPOTrainer:
         self.is_main = self.dist.is_main
         self._check_data_parallel_sizes()
         self.forward_layout = forward_layout if forward_layout is not None else \
-            getattr(config, "forward_layout", "auto")
+            config.forward_layout
         if self.forward_layout not in FORWARD_LAYOUTS:
             raise ValueError(f"forward_layout must be one of {FORWARD_LAYOUTS}, got {self.forward_layout!r}")
         resolve_forward_layout(self.model, self.forward_layout)  # "packed" that cannot run fails here, not mid-run
