@@ -20,30 +20,27 @@ python3 -c "import torch, vitos_ext; assert vitos_ext.has_cuda_kernels(), 'no CU
 tests_for() {
   case $1 in
     ops) echo "tests/test_region_mask.py tests/test_compaction.py" ;;
-    attention) ls tests/test_attention.py tests/test_hf_attention.py 2>/dev/null | tr '\n' ' ' ;;
-    e2e) ls tests/test_models.py tests/test_pipeline.py 2>/dev/null | tr '\n' ' ' ;;
+    attention) echo "tests/test_attention.py" ;;
+    e2e) echo "tests/test_pipeline.py tests/test_integrations_packed.py tests/test_gpu_e2e.py" ;;
   esac
 }
 parts=$([ "$what" = all ] && echo "ops attention e2e" || echo "$what")
+# each step has its own limit so that one slow step cannot starve the rest of a short GPU lease
+step_limit=${VITOS_STEP_TIMEOUT:-150}
 
+# per part: its CUDA tests, then its benchmark table
 for part in $parts; do
-  files=$(tests_for "$part")
-  [ -n "$files" ] || continue
   step "CUDA tests: $part"
-  python3 -m pytest -q -x -m cuda -p no:cacheprovider $files 2>&1 | tee "$log_dir/tests_$part.log" | tail -15 || status=1
+  timeout "$step_limit" python3 -m pytest -q --maxfail=10 -m cuda -p no:cacheprovider $(tests_for "$part") 2>&1 \
+    | tee "$log_dir/tests_$part.log" | tail -25 || status=1
+  step "benchmark: benchmarks/gpu_$part.py"
+  timeout "$step_limit" python3 "benchmarks/gpu_$part.py" 2>&1 | tee "$log_dir/bench_$part.log" || status=1
 done
 
 if command -v compute-sanitizer >/dev/null && [[ " $parts " == *" ops "* ]]; then
   step "compute-sanitizer memcheck: core-op CUDA tests (anchor shapes, errors, determinism)"
-  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m cuda -p no:cacheprovider \
-    -k "anchor or invalid or deterministic or out_capacity or backward" $(tests_for ops) \
+  timeout "$step_limit" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -m cuda \
+    -p no:cacheprovider -k "anchor or invalid or deterministic or out_capacity or backward" $(tests_for ops) \
     >"$log_dir/sanitizer.log" 2>&1 && echo "memcheck: clean" || { status=1; tail -30 "$log_dir/sanitizer.log"; }
 fi
-
-for part in $parts; do
-  script=benchmarks/gpu_$part.py
-  [ -f "$script" ] || continue
-  step "benchmark: $script"
-  python3 "$script" 2>&1 | tee "$log_dir/bench_$part.log" || status=1
-done
 exit $status

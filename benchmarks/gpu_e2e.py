@@ -265,6 +265,27 @@ def language_model_prefill(model, inputs: dict[str, torch.Tensor]) -> torch.Tens
     return model.lm_head(output.last_hidden_state[:, -1])
 
 
+def pack_compacted(compacted: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The left-padded compacted batch as one packed row [1, T'] (FlashAttention varlen layout, what verl's
+    remove-padding mode and vitos_ext.prune_packed_batch produce): inputs_embeds, position_ids, cu_seq_lens."""
+    mask = compacted["attention_mask"].bool()
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    positions = compacted["position_ids"]
+    packed_positions = positions[:, mask].unsqueeze(1) if positions.dim() == 3 else positions[mask].unsqueeze(0)
+    longest = int(lengths.max())
+    return {"inputs_embeds": compacted["inputs_embeds"][mask].unsqueeze(0), "position_ids": packed_positions,
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def packed_prefill(model, packed: dict[str, Any]) -> torch.Tensor:
+    """Language model over a packed row (no KV cache: a training / scoring forward) and the last token's logits of
+    each sequence [B, V]."""
+    output = model.model.language_model(**packed, use_cache=False)
+    last_rows = packed["cu_seq_lens_q"][1:].long() - 1
+    return model.lm_head(output.last_hidden_state[0, last_rows])
+
+
 def last_logits(output) -> torch.Tensor:
     return output.logits[:, -1]
 
@@ -317,6 +338,8 @@ def run(shapes: Shapes, device: torch.device, dtype: torch.dtype, timer: Timer) 
     lengths = shapes.batch_lengths
     rows["batch"] = Row(f"batch of {len(lengths)} ragged pruned prompts ({min(lengths)}..{max(lengths)} tokens)",
                         "batch")
+    rows["batch packed"] = Row(f"same batch, packed layout: no padding rows anywhere ({sum(lengths)} tokens)",
+                               "batch")
     rows["two-pass"] = Row(f"two-pass prefill: vision once + full + {100 * middle:.0f}% (HF: one full forward)",
                            "two-pass")
 
@@ -337,7 +360,8 @@ def run(shapes: Shapes, device: torch.device, dtype: torch.dtype, timer: Timer) 
 
     reference = _measure_hf(model, prompt, compacted, compacted_batch, rows, ratios, middle, timer)
     patch_model(model, attention="varlen")
-    _measure_vitos(model, work, features, batch_features, compacted, reference, rows, middle, timer)
+    _measure_vitos(model, work, features, batch_features, compacted, compacted_batch, reference, rows, middle,
+                   timer)
     unpatch_model(model)
     return list(rows.values())
 
@@ -364,8 +388,8 @@ def _measure_hf(model, prompt, compacted, compacted_batch, rows, ratios, middle,
     return reference
 
 
-def _measure_vitos(model, work: Workload, features, batch_features, compacted, reference, rows, middle,
-                   timer: Timer) -> None:
+def _measure_vitos(model, work: Workload, features, batch_features, compacted, compacted_batch, reference, rows,
+                   middle, timer: Timer) -> None:
     """Patched timings and their checks against the HF outputs."""
     from vitos_ext import encode_images
 
@@ -405,6 +429,14 @@ def _measure_vitos(model, work: Workload, features, batch_features, compacted, r
         row.vitos_ms = guarded(row, "vitos", lambda: timer(lambda: prefill(batch, batch_features, work.batch_keep)))
         row.check = guarded(row, "check", lambda: relative_difference(
             last_logits(prefill(batch, batch_features, work.batch_keep)), reference.get("batch")))
+    row = rows["batch packed"]
+    row.hf_ms = rows["batch"].hf_ms
+    if compacted_batch is not None:
+        packed = guarded(row, "pack", lambda: pack_compacted(compacted_batch))
+        if packed is not None:
+            row.vitos_ms = guarded(row, "vitos", lambda: timer(lambda: packed_prefill(model, packed)))
+            row.check = guarded(row, "check", lambda: relative_difference(packed_prefill(model, packed),
+                                                                          reference.get("batch")))
     row = rows["two-pass"]
     row.vitos_ms = guarded(row, "vitos", lambda: timer(two_pass))
     row.check = guarded(row, "check", lambda: relative_difference(two_pass(), reference.get("full")))

@@ -245,5 +245,5 @@ def test_cuda_anchor_shape_matches_reference(fuse):
         fuse_into = torch.where(last_kept >= starts, last_kept, -1)
         inputs = (hidden, keep, cu, positions, fuse_into)
     expected = compact_tokens_reference(*inputs)
-    got = vitos_ext.compact_tokens(*(t.cuda() for t in inputs))
+    got = vitos_ext.compact_tokens(*(None if t is None else t.cuda() for t in inputs))
     assert_same(got, expected)

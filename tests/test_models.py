@@ -459,6 +459,40 @@ def test_vision_tower_through_varlen_matches_eager(family, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_qwen_patch_embed_runs_as_one_matmul_and_unpatch_restores_it(family, monkeypatch):
+    if family.is_llava:
+        pytest.skip("LLaVA's vision tower is a CLIP/SigLIP model with a 2-D patch conv, left as it is")
+    model = build_model(family)
+    patch_embed = model.model.visual.patch_embed
+    batch = make_batch(family, model, PROMPTS)
+    with torch.no_grad():
+        expected = patch_embed(batch["pixel_values"])
+        patching.patch_model(model, attention="varlen")
+        conv_calls = []
+        monkeypatch.setattr(type(patch_embed.proj), "forward", lambda *a: conv_calls.append(1) or None)
+        got = patch_embed(batch["pixel_values"])
+        monkeypatch.undo()
+    assert not conv_calls  # the Conv3d (slow in cuDNN bf16 for this shape) never runs
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    patching.unpatch_model(model)
+    assert "forward" not in patch_embed.__dict__
+
+
+def test_language_model_attention_reads_packing_once_per_forward(family, monkeypatch):
+    """Deciding whether positions restart syncs with the device: once per forward, not once per layer."""
+    import vitos_ext.hf_attention as hf_attention
+
+    model = patching.patch_model(build_model(family), attention="varlen")
+    batch = select(make_batch(family, model, PROMPTS), 0, family, model)  # one row: no padding mask
+    calls = []
+    real = hf_attention._packed_cu_seqlens
+    monkeypatch.setattr(hf_attention, "_packed_cu_seqlens", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        model(**batch, vitos_boxes=boxes_of(0))
+    assert adapter_for(model).language_model(model).config.num_hidden_layers > 1
+    assert len(calls) <= 1
+
+
 def test_language_model_through_varlen_matches_model_attention(family):
     model_attention = patching.patch_model(build_model(family), attention="model")
     varlen = patching.patch_model(build_model(family), attention="varlen")

@@ -110,6 +110,32 @@ class _UnpadPlan:
 _unpad_plans = _UnpadPlan()
 
 
+class _PackingPlan:
+    """The packed-sequence cu_seqlens of one position_ids tensor, shared by every layer of one forward.
+
+    Deciding whether positions restart reads the device (a host sync); transformers hands the same position_ids
+    object to all layers, so the answer is computed once per tensor instead of once per layer (a sync per layer
+    would stop the host from queueing work ahead of the GPU).
+    """
+
+    def __init__(self):
+        self._ref = None
+        self._key = None
+        self._plan = None
+
+    def get(self, position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+        if position_ids is None or position_ids.dim() != 2 or length <= 1:
+            return None
+        key = (position_ids._version, batch, length)
+        cached = self._ref() if self._ref is not None else None
+        if cached is position_ids and self._key == key:
+            return self._plan
+        plan = _packed_cu_seqlens(position_ids, batch, length)
+        if not torch.compiler.is_compiling():
+            self._ref, self._key, self._plan = weakref.ref(position_ids), key, plan
+        return plan
+
+
 def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
     """cu_seqlens of sequences packed along each row (positions restarting), or None when nothing is packed.
 
@@ -125,6 +151,34 @@ def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, length: in
         return None
     start_rows = starts.reshape(-1).nonzero().squeeze(1).to(torch.int32)
     return torch.cat([start_rows, start_rows.new_tensor([batch * length])])
+
+
+_packing_plans = _PackingPlan()
+
+
+class _ValidatedPackings:
+    """Caller-provided cu_seqlens already validated (a host sync): every layer gets the same tensors, so only the
+    first layer of a forward checks their values."""
+
+    def __init__(self):
+        self._entry = None
+
+    @staticmethod
+    def _key(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int):
+        return cu_q._version, cu_k._version, max_q, max_k
+
+    def seen(self, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> bool:
+        if self._entry is None or torch.compiler.is_compiling():
+            return False
+        ref_q, ref_k, key = self._entry
+        return ref_q() is cu_q and ref_k() is cu_k and key == self._key(cu_q, cu_k, max_q, max_k)
+
+    def remember(self, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> None:
+        if not torch.compiler.is_compiling():
+            self._entry = (weakref.ref(cu_q), weakref.ref(cu_k), self._key(cu_q, cu_k, max_q, max_k))
+
+
+_validated_packings = _ValidatedPackings()
 
 
 def _as_int32(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -196,13 +250,14 @@ def vitos_varlen_attention_forward(
     k_rows = k.reshape(-1, *k.shape[2:])
     v_rows = v.reshape(-1, *v.shape[2:])
     packed = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
-    if all(x is not None for x in packed):  # caller-provided packing: validated
-        cu_q, cu_k, max_q, max_k = packed
-        out = varlen_attention(q_rows, k_rows, v_rows, _as_int32(cu_q), _as_int32(cu_k), int(max_q), int(max_k),
-                               **call)
+    if all(x is not None for x in packed):  # caller-provided packing: validated once per forward
+        cu_q, cu_k, max_q, max_k = _as_int32(packed[0]), _as_int32(packed[1]), int(packed[2]), int(packed[3])
+        checked = _validated_packings.seen(cu_q, cu_k, max_q, max_k)
+        out = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, max_q, max_k, check_values=not checked, **call)
+        _validated_packings.remember(cu_q, cu_k, max_q, max_k)
         return out.view(batch, len_q, *out.shape[1:]), None
 
-    cu = _packed_cu_seqlens(kwargs.get("position_ids"), batch, len_q) if len_q == len_k else None
+    cu = _packing_plans.get(kwargs.get("position_ids"), batch, len_q) if len_q == len_k else None
     if cu is not None:  # sequences packed along rows, found from restarting positions
         out = varlen_attention(q_rows, k_rows, v_rows, cu, cu, len_q, len_k, check_values=False, **call)
     else:  # B equal-length rows; lq < lk is decode / chunked prefill against a cache

@@ -282,13 +282,11 @@ def _set_attention_mode(state: _PatchState, attention: str) -> None:
     state.attention = attention
     if attention == "model":
         return
-    replacement = state.adapter.vision_attention_forward()
-    if replacement is not None:
-        for module in state.adapter.vision_attention_modules(state.model):
-            state.vision_modules.append(module)
-            state.previous_vision_forwards.append(module.__dict__.get("forward"))
-            module.__dict__["forward"] = types.MethodType(replacement, module)
-            module.__dict__["_vitos_attention"] = attention
+    for module, replacement in state.adapter.vision_forward_replacements(state.model):
+        state.vision_modules.append(module)
+        state.previous_vision_forwards.append(module.__dict__.get("forward"))
+        module.__dict__["forward"] = types.MethodType(replacement, module)
+        module.__dict__["_vitos_attention"] = attention
     _ensure_language_model_attention(state)
 
 

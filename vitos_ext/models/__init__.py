@@ -56,6 +56,14 @@ class VLMAdapter:
         """The replacement forward (an unbound function taking the attention module first), or None."""
         return None
 
+    def vision_forward_replacements(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+        """(module, unbound replacement forward) pairs installed while the attention mode is not "model":
+        the vision attention modules, plus whatever else of the vision tower a family speeds up."""
+        replacement = self.vision_attention_forward()
+        if replacement is None:
+            return []
+        return [(module, replacement) for module in self.vision_attention_modules(model)]
+
     def image_token_id(self, model: torch.nn.Module) -> int:
         """Token id of the image placeholder tokens in input_ids."""
         return int(model.config.image_token_id)

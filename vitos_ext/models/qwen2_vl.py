@@ -13,6 +13,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..profiling import nvtx_annotate
 from . import VLMAdapter
@@ -91,6 +92,29 @@ def qwen_vision_varlen_forward(
     return self.proj(out.reshape(seq_length, -1))
 
 
+def qwen_patch_embed_as_linear(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Qwen-VL patch embedding (a Conv3d whose kernel equals its stride) as the equivalent single matmul.
+
+    Replaces the PatchEmbed forward of Qwen2-VL / Qwen2.5-VL / Qwen3-VL on patched instances. Each output is the dot
+    product of one flattened (C, T, P, P) patch with the kernel, so F.linear over the flattened weight computes
+    the same function; cuDNN's bf16 Conv3d for this shape is far slower than a GEMM on recent GPUs.
+
+    Args:
+        hidden_states: [S, C * T * P * P] flattened patches (any float dtype; cast to the weight's dtype).
+
+    Returns:
+        [S, embed_dim] in the weight's dtype, like the module it replaces. Falls back to the module's own forward
+        when the mode is "auto" on a device without the varlen kernels, or when the conv is not a patchify conv.
+    """
+    proj = self.proj
+    patchify = (tuple(proj.kernel_size) == tuple(proj.stride) and not any(proj.padding)
+                and all(d == 1 for d in proj.dilation) and proj.groups == 1)
+    if not patchify or not _use_varlen(self, hidden_states):
+        return type(self).forward(self, hidden_states)
+    weight = proj.weight.reshape(proj.weight.shape[0], -1)
+    return F.linear(hidden_states.to(weight.dtype).reshape(-1, weight.shape[1]), weight, proj.bias)
+
+
 class QwenVLAdapter(VLMAdapter):
     """Qwen2-VL (and the base of Qwen2.5-VL / Qwen3-VL, which share its layout)."""
 
@@ -111,6 +135,13 @@ class QwenVLAdapter(VLMAdapter):
 
     def vision_attention_forward(self):
         return qwen_vision_varlen_forward
+
+    def vision_forward_replacements(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+        replacements = super().vision_forward_replacements(model)
+        patch_embed = getattr(self.base_model(model).visual, "patch_embed", None)
+        if isinstance(getattr(patch_embed, "proj", None), torch.nn.Conv3d):
+            replacements.append((patch_embed, qwen_patch_embed_as_linear))
+        return replacements
 
     def merge_size(self, model: torch.nn.Module) -> int:
         return int(model.config.vision_config.spatial_merge_size)
