@@ -25,6 +25,22 @@ def cuda_median_ms(fn, warmup: int = 10, reps: int = 50) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def cuda_graph_median_ms(fn, calls: int = 20, reps: int = 20) -> float:
+    """Median device time of one fn() call without host launch overhead: `calls` calls captured in one CUDA graph,
+    replays timed with events, divided by `calls`. Only for sync-free fn (no read-back inside)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_median_ms(graph.replay, warmup=3, reps=reps) / calls
+
+
 def copy_ceiling_gbs(num_bytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
