@@ -281,18 +281,45 @@ def test_vision_windows_in_one_call_match_per_window_loop():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_unpad_plan_is_shared_by_layers_and_follows_the_mask():
+def test_unpad_plan_is_shared_by_layers_and_follows_the_mask(monkeypatch):
     """One nonzero (host sync) per mask object, not per layer; an in-place edit or another mask recomputes."""
-    from vitos_ext.hf_attention import _UnpadPlan
+    import vitos_ext.hf_attention as hf_attention
+    from vitos_ext._tensor_memo import TensorMemo
 
-    plans = _UnpadPlan()
+    monkeypatch.setattr(hf_attention, "_unpad_plans", TensorMemo())
+    plan = hf_attention._unpad_plan
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    first = plans.get(mask, 4, 4)
-    assert plans.get(mask, 4, 4) is first
+    first = plan(mask, 4, 4)
+    assert plan(mask, 4, 4) is first
     assert first[0].tolist() == [1, 2, 3, 4, 5, 6, 7] and first[1].tolist() == [0, 3, 7]
-    decode = plans.get(mask, 1, 4)  # other lengths: another plan
+    decode = plan(mask, 1, 4)  # other lengths: another plan
     assert decode[0].tolist() == [0, 1] and decode[1].tolist() == [0, 1, 2] and decode[3].tolist() == [0, 3, 7]
     mask[1, 0] = 0  # in place: the version counter moves
-    assert plans.get(mask, 4, 4)[1].tolist() == [0, 3, 6]
+    assert plan(mask, 4, 4)[1].tolist() == [0, 3, 6]
     other = mask.clone()
-    assert plans.get(other, 4, 4) is not plans.get(mask, 4, 4)
+    assert plan(other, 4, 4) is not plan(mask, 4, 4)
+
+
+def test_tensor_memo_keys_on_identity_version_and_extra_and_skips_failures():
+    from vitos_ext._tensor_memo import TensorMemo
+
+    memo = TensorMemo(capacity=2)
+    a, b, c = torch.zeros(3), torch.ones(3), torch.ones(3)
+    calls = []
+    compute = lambda value: lambda: calls.append(value) or value  # noqa: E731
+    assert memo.get((a,), "x", compute(1)) == 1 and memo.get((a,), "x", compute(9)) == 1
+    assert memo.get((b,), "x", compute(2)) == 2 and memo.get((a,), "x", compute(9)) == 1  # capacity 2 keeps both
+    assert memo.get((a,), "y", compute(3)) == 3  # another extra key
+    assert memo.get((c,), "x", compute(4)) == 4  # an equal but different tensor
+    assert calls == [1, 2, 3, 4]
+    b.add_(1)  # in place: stale
+    assert memo.lookup((b,), "x") == (False, None)
+
+    def failing():
+        raise ValueError("bad offsets")
+
+    with pytest.raises(ValueError, match="bad offsets"):
+        memo.get((a,), "z", failing)
+    assert memo.lookup((a,), "z") == (False, None)  # a failed computation is never remembered
+    with pytest.raises(ValueError, match="capacity"):
+        TensorMemo(capacity=0)

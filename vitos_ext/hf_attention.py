@@ -21,11 +21,11 @@ patch belongs in vitos_ext/models/.
 from __future__ import annotations
 
 import logging
-import weakref
 
 import torch
 import torch.nn.functional as F
 
+from vitos_ext._tensor_memo import TensorMemo
 from vitos_ext.ops.attention import BACKENDS, varlen_attention
 from vitos_ext.profiling import nvtx_annotate
 
@@ -78,62 +78,34 @@ def _cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
-class _UnpadPlan:
-    """Row indices and cu_seqlens of a padding mask, shared by every layer of one forward.
+# one memo per derived value (see vitos_ext/_tensor_memo.py): computed at the first layer of a forward, reused by
+# the others
+_unpad_plans = TensorMemo()
+_packing_plans = TensorMemo()
+_validated_packings = TensorMemo()
 
-    transformers hands the same mask object to all layers; finding the kept rows needs a device->host sync
-    (nonzero), so it is done once per mask object instead of once per layer (and per decoded token and layer).
-    """
 
-    def __init__(self):
-        self._mask_ref = None
-        self._key = None
-        self._plan = None
+def _unpad_plan(attention_mask: torch.Tensor, len_q: int, len_k: int):
+    """(indices_q [Nq], cu_q int32 [B+1], indices_k [Nk], cu_k int32 [B+1]) for `attention_mask` [B, >=len_k].
+    Finding the kept rows needs a device->host sync (nonzero): memoized per mask object."""
 
-    def get(self, attention_mask: torch.Tensor, len_q: int, len_k: int):
-        """(indices_q [Nq], cu_q int32 [B+1], indices_k [Nk], cu_k int32 [B+1]) for `attention_mask` [B, >=len_k]."""
-        key = (attention_mask._version, len_q, len_k)
-        cached = self._mask_ref() if self._mask_ref is not None else None
-        if cached is attention_mask and self._key == key:
-            return self._plan
+    def compute():
         mask_k = attention_mask[:, -len_k:].bool()
         mask_q = attention_mask[:, -len_q:].bool()
         indices_k = mask_k.reshape(-1).nonzero().squeeze(1)
         indices_q = indices_k if len_q == len_k else mask_q.reshape(-1).nonzero().squeeze(1)
-        plan = (indices_q, _cu_seqlens_from_lengths(mask_q.sum(dim=1, dtype=torch.int32)),
+        return (indices_q, _cu_seqlens_from_lengths(mask_q.sum(dim=1, dtype=torch.int32)),
                 indices_k, _cu_seqlens_from_lengths(mask_k.sum(dim=1, dtype=torch.int32)))
-        if not torch.compiler.is_compiling():
-            self._mask_ref, self._key, self._plan = weakref.ref(attention_mask), key, plan
-        return plan
+
+    return _unpad_plans.get((attention_mask,), (len_q, len_k), compute)
 
 
-_unpad_plans = _UnpadPlan()
-
-
-class _PackingPlan:
-    """The packed-sequence cu_seqlens of one position_ids tensor, shared by every layer of one forward.
-
-    Deciding whether positions restart reads the device (a host sync); transformers hands the same position_ids
-    object to all layers, so the answer is computed once per tensor instead of once per layer (a sync per layer
-    would stop the host from queueing work ahead of the GPU).
-    """
-
-    def __init__(self):
-        self._ref = None
-        self._key = None
-        self._plan = None
-
-    def get(self, position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
-        if position_ids is None or position_ids.dim() != 2 or length <= 1:
-            return None
-        key = (position_ids._version, batch, length)
-        cached = self._ref() if self._ref is not None else None
-        if cached is position_ids and self._key == key:
-            return self._plan
-        plan = _packed_cu_seqlens(position_ids, batch, length)
-        if not torch.compiler.is_compiling():
-            self._ref, self._key, self._plan = weakref.ref(position_ids), key, plan
-        return plan
+def _packing_plan(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """:func:`_packed_cu_seqlens`, memoized per position_ids object (it reads the positions on the host)."""
+    if position_ids is None or position_ids.dim() != 2 or length <= 1:
+        return None
+    return _packing_plans.get((position_ids,), (batch, length),
+                              lambda: _packed_cu_seqlens(position_ids, batch, length))
 
 
 def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -151,34 +123,6 @@ def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, length: in
         return None
     start_rows = starts.reshape(-1).nonzero().squeeze(1).to(torch.int32)
     return torch.cat([start_rows, start_rows.new_tensor([batch * length])])
-
-
-_packing_plans = _PackingPlan()
-
-
-class _ValidatedPackings:
-    """Caller-provided cu_seqlens already validated (a host sync): every layer gets the same tensors, so only the
-    first layer of a forward checks their values."""
-
-    def __init__(self):
-        self._entry = None
-
-    @staticmethod
-    def _key(cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int):
-        return cu_q._version, cu_k._version, max_q, max_k
-
-    def seen(self, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> bool:
-        if self._entry is None or torch.compiler.is_compiling():
-            return False
-        ref_q, ref_k, key = self._entry
-        return ref_q() is cu_q and ref_k() is cu_k and key == self._key(cu_q, cu_k, max_q, max_k)
-
-    def remember(self, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> None:
-        if not torch.compiler.is_compiling():
-            self._entry = (weakref.ref(cu_q), weakref.ref(cu_k), self._key(cu_q, cu_k, max_q, max_k))
-
-
-_validated_packings = _ValidatedPackings()
 
 
 def _as_int32(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -238,7 +182,7 @@ def vitos_varlen_attention_forward(
     call = dict(causal=causal, softmax_scale=scaling, backend=_settings["backend"])
 
     if attention_mask is not None:  # padded batch: unpad -> varlen -> pad back
-        indices_q, cu_q, indices_k, cu_k = _unpad_plans.get(attention_mask, len_q, len_k)
+        indices_q, cu_q, indices_k, cu_k = _unpad_plan(attention_mask, len_q, len_k)
         k_rows = k.reshape(-1, *k.shape[2:]).index_select(0, indices_k)
         v_rows = v.reshape(-1, *v.shape[2:]).index_select(0, indices_k)
         q_rows = q.reshape(-1, *q.shape[2:]).index_select(0, indices_q)
@@ -252,12 +196,12 @@ def vitos_varlen_attention_forward(
     packed = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
     if all(x is not None for x in packed):  # caller-provided packing: validated once per forward
         cu_q, cu_k, max_q, max_k = _as_int32(packed[0]), _as_int32(packed[1]), int(packed[2]), int(packed[3])
-        checked = _validated_packings.seen(cu_q, cu_k, max_q, max_k)
+        checked, _ = _validated_packings.lookup((cu_q, cu_k), (max_q, max_k))
         out = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, max_q, max_k, check_values=not checked, **call)
-        _validated_packings.remember(cu_q, cu_k, max_q, max_k)
+        _validated_packings.store((cu_q, cu_k), (max_q, max_k), True)  # only reached if the checks passed
         return out.view(batch, len_q, *out.shape[1:]), None
 
-    cu = _packing_plans.get(kwargs.get("position_ids"), batch, len_q) if len_q == len_k else None
+    cu = _packing_plan(kwargs.get("position_ids"), batch, len_q) if len_q == len_k else None
     if cu is not None:  # sequences packed along rows, found from restarting positions
         out = varlen_attention(q_rows, k_rows, v_rows, cu, cu, len_q, len_k, check_values=False, **call)
     else:  # B equal-length rows; lq < lk is decode / chunked prefill against a cache

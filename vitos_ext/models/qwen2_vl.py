@@ -9,31 +9,28 @@ language model takes M-RoPE positions [3, B, L] (forward) or [4, B, L] with a te
 from __future__ import annotations
 
 import sys
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .._tensor_memo import TensorMemo
 from ..profiling import nvtx_annotate
 from . import VLMAdapter
 
 __all__ = ["ADAPTER", "QwenVLAdapter", "apply_vitos_to_qwen2_vl", "qwen_vision_varlen_forward",
            "revert_vitos_to_qwen2_vl"]
 
-# (weakref to a cu_seqlens tensor, its longest sequence): every vision block of one forward gets the same
-# cu_seqlens object, so the longest window is read back once per tower call instead of once per layer.
-_MAX_SEQLEN_CACHE: list[tuple[weakref.ref, int]] = []
+# every vision block of one tower call gets the same cu_seqlens object (Qwen2.5-VL: two, windows and full images),
+# so the longest group is read back once per tower call instead of once per layer
+_LONGEST_GROUP = TensorMemo(capacity=4)
 
 
 def _max_seqlen(cu_seqlens: torch.Tensor) -> int:
-    for ref, value in _MAX_SEQLEN_CACHE:
-        if ref() is cu_seqlens:
-            return value
-    value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    _MAX_SEQLEN_CACHE.insert(0, (weakref.ref(cu_seqlens), value))
-    del _MAX_SEQLEN_CACHE[4:]
-    return value
+    def compute() -> int:
+        return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+    return _LONGEST_GROUP.get((cu_seqlens,), None, compute)
 
 
 def _use_varlen(module: torch.nn.Module, hidden_states: torch.Tensor) -> bool:

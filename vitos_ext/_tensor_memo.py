@@ -1,0 +1,54 @@
+"""A tiny memo for values derived from tensors by reading them on the host.
+
+transformers hands the same mask / position / cu_seqlens tensor objects to every layer of one forward. Anything
+derived from them through a device read (a host sync) -- unpad indices, packing boundaries, the longest window,
+validated offsets -- is computed once per forward with this memo instead of once per layer: a sync per layer stops
+the host from queueing layer i+1 while the GPU runs layer i, so host and device times add up.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+
+
+class TensorMemo:
+    """Remembers the last ``capacity`` values, each keyed by the identity and in-place version of some tensors
+    plus a hashable extra key. Weak references only: a memo never keeps a tensor alive. Nothing is stored while
+    torch.compile traces (fake tensors are new objects every time)."""
+
+    def __init__(self, capacity: int = 1):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._entries: list[tuple[tuple[weakref.ref, ...], Hashable, Any]] = []
+
+    @staticmethod
+    def _key(tensors: Sequence[torch.Tensor], extra: Hashable) -> Hashable:
+        return tuple(t._version for t in tensors), extra
+
+    def lookup(self, tensors: Sequence[torch.Tensor], extra: Hashable = None) -> tuple[bool, Any]:
+        """(True, value) if a value for these very tensors (unmodified since) and ``extra`` is stored, else
+        (False, None)."""
+        key = self._key(tensors, extra)
+        for refs, stored_key, value in self._entries:
+            if stored_key == key and len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors)):
+                return True, value
+        return False, None
+
+    def store(self, tensors: Sequence[torch.Tensor], extra: Hashable, value: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        entry = (tuple(weakref.ref(t) for t in tensors), self._key(tensors, extra), value)
+        self._entries = [entry] + self._entries[: self.capacity - 1]
+
+    def get(self, tensors: Sequence[torch.Tensor], extra: Hashable, compute: Callable[[], Any]) -> Any:
+        """The stored value, or ``compute()`` stored and returned (nothing is stored if it raises)."""
+        hit, value = self.lookup(tensors, extra)
+        if not hit:
+            value = compute()
+            self.store(tensors, extra, value)
+        return value
