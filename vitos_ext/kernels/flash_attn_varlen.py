@@ -114,6 +114,27 @@ def _query_tile_key_range(block_m, seqlen_q, seqlen_k,
     return full_end, end
 
 
+@triton.jit
+def _query_tile(cu_seqlens_q, cu_seqlens_k, num_heads_q, group_size,
+                CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query tile: program axis 0 is (sequence, query head), axis 1 the tile. Returns head, kv_head,
+    q_start, seqlen_q, k_start, seqlen_k, block_m and whether the tile exists (the grid covers the longest sequence;
+    shorter ones exit). Causal tiles run last-first: the last tiles see the most keys, so they launch first."""
+    head = tl.program_id(0) % num_heads_q
+    seq = tl.program_id(0) // num_heads_q
+    pid_m = tl.program_id(1)
+    q_start = tl.load(cu_seqlens_q + seq)
+    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    k_start = tl.load(cu_seqlens_k + seq)
+    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    num_m_blocks = tl.cdiv(seqlen_q, BLOCK_M)
+    if CAUSAL:
+        block_m = num_m_blocks - 1 - pid_m
+    else:
+        block_m = pid_m
+    return head, head // group_size, q_start, seqlen_q, k_start, seqlen_k, block_m, pid_m < num_m_blocks
+
+
 # ----------------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------------
@@ -155,21 +176,10 @@ def _attn_fwd_kernel(
     group_size, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    head = tl.program_id(0) % num_heads_q
-    seq = tl.program_id(0) // num_heads_q
-    pid_m = tl.program_id(1)
-    q_start = tl.load(cu_seqlens_q + seq)
-    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
-    num_m_blocks = tl.cdiv(seqlen_q, BLOCK_M)
-    if pid_m >= num_m_blocks:
+    head, kv_head, q_start, seqlen_q, k_start, seqlen_k, block_m, exists = _query_tile(
+        cu_seqlens_q, cu_seqlens_k, num_heads_q, group_size, CAUSAL, BLOCK_M)
+    if not exists:
         return
-    if CAUSAL:
-        block_m = num_m_blocks - 1 - pid_m  # the last tiles see the most keys: launch them first
-    else:
-        block_m = pid_m
-    k_start = tl.load(cu_seqlens_k + seq)
-    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - k_start
-    kv_head = head // group_size
 
     q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
     k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
@@ -339,21 +349,10 @@ def _attn_bwd_dq_kernel(
     group_size, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    head = tl.program_id(0) % num_heads_q
-    seq = tl.program_id(0) // num_heads_q
-    pid_m = tl.program_id(1)
-    q_start = tl.load(cu_seqlens_q + seq)
-    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
-    num_m_blocks = tl.cdiv(seqlen_q, BLOCK_M)
-    if pid_m >= num_m_blocks:
+    head, kv_head, q_start, seqlen_q, k_start, seqlen_k, block_m, exists = _query_tile(
+        cu_seqlens_q, cu_seqlens_k, num_heads_q, group_size, CAUSAL, BLOCK_M)
+    if not exists:
         return
-    if CAUSAL:
-        block_m = num_m_blocks - 1 - pid_m
-    else:
-        block_m = pid_m
-    k_start = tl.load(cu_seqlens_k + seq)
-    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - k_start
-    kv_head = head // group_size
 
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n_base = tl.arange(0, BLOCK_N)
