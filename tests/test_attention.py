@@ -112,42 +112,33 @@ CASE_IDS = [f"lq{c[0]}-lk{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-{'causal' if c[5] else 'f
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_reference_backend_matches_float64(case):
+def check_backend_against_float64(case, backend: str, seed: int, tol: float, device="cpu") -> None:
+    """Forward and all three gradients of `backend` on one ragged case against the float64 reference."""
     lengths_q, lengths_k, heads_q, heads_k, head_dim, causal = case
-    q, k, v, cu_q, cu_k, grad_out = make_batch(lengths_q, lengths_k, heads_q, heads_k, head_dim, seed=1)
+    q, k, v, cu_q, cu_k, grad_out = make_batch(lengths_q, lengths_k, heads_q, heads_k, head_dim, device=device,
+                                               seed=seed)
 
     def run(q_, k_, v_):
         return varlen_attention(q_, k_, v_, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
-                                backend="reference")
+                                backend=backend)
 
-    assert_close_to_float64(q, k, v, grad_out, lengths_q, lengths_k, causal, run, tol=1e-5)
+    assert_close_to_float64(q, k, v, grad_out, lengths_q, lengths_k, causal, run, tol=tol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_reference_backend_matches_float64(case):
+    check_backend_against_float64(case, "reference", seed=1, tol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=CASE_IDS[:4])
 def test_torch_backend_matches_float64(case):
-    lengths_q, lengths_k, heads_q, heads_k, head_dim, causal = case
-    q, k, v, cu_q, cu_k, grad_out = make_batch(lengths_q, lengths_k, heads_q, heads_k, head_dim, seed=2)
-
-    def run(q_, k_, v_):
-        return varlen_attention(q_, k_, v_, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
-                                backend="torch")
-
-    assert_close_to_float64(q, k, v, grad_out, lengths_q, lengths_k, causal, run, tol=1e-5)
+    check_backend_against_float64(case, "torch", seed=2, tol=1e-5)
 
 
 @CPU_TRITON
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_triton_matches_float64(case):
-    lengths_q, lengths_k, heads_q, heads_k, head_dim, causal = case
-    q, k, v, cu_q, cu_k, grad_out = make_batch(lengths_q, lengths_k, heads_q, heads_k, head_dim,
-                                               device=TRITON_DEVICE, seed=3)
-
-    def run(q_, k_, v_):
-        return varlen_attention(q_, k_, v_, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
-                                backend="triton")
-
-    assert_close_to_float64(q, k, v, grad_out, lengths_q, lengths_k, causal, run, tol=1e-4)
+    check_backend_against_float64(case, "triton", seed=3, tol=1e-4, device=TRITON_DEVICE)
 
 
 @CPU_TRITON
