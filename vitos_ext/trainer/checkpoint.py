@@ -121,13 +121,7 @@ def save_checkpoint(
         The folder path.
     """
     directory = Path(directory)
-    staging = directory.with_name(directory.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    _save_weights(model, staging, model_state)
-    if processor is not None:
-        processor.save_pretrained(staging)
+    staging = save_model_folder(directory.with_name(directory.name + ".partial"), model, processor, model_state)
     if optimizer_state is not None:
         torch.save(optimizer_state, staging / "optimizer.pt")
     elif optimizer is not None:
@@ -276,8 +270,9 @@ def read_tracker(checkpoints_dir: str | os.PathLike) -> CheckpointInfo | None:
 
 def save_model_folder(directory: str | os.PathLike, model: torch.nn.Module, processor=None,
                       state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """A plain model folder (weights, config, generation config, processor) for inference / the demo.
-    ``state_dict`` replaces ``model.state_dict()`` (the gathered weights of a sharded model)."""
+    """A plain model folder (weights, config, generation config, processor) for inference / the demo, replacing
+    any folder of that name; checkpoints start from one. ``state_dict`` replaces ``model.state_dict()`` (the
+    gathered weights of a sharded model)."""
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
