@@ -324,7 +324,7 @@ def test_triton_rejects_unsupported_head_dim(head_dim):
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     if attention_mod._kernels is None:
-        pytest.skip("triton is not installed")
+        pytest.skip("triton is not installed (torch wheels without it, e.g. macOS or Windows)")
     monkeypatch.setattr(attention_mod._kernels, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         varlen_attention(**_good(), backend="triton")

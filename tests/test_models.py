@@ -459,9 +459,9 @@ def test_vision_tower_through_varlen_matches_eager(family, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+# Qwen-VL families only: LLaVA's vision tower (CLIP/SigLIP) has a 2-D patch conv, which patch_model leaves alone
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.is_llava], ids=lambda f: f.name)
 def test_qwen_patch_embed_runs_as_one_matmul_and_unpatch_restores_it(family, monkeypatch):
-    if family.is_llava:
-        pytest.skip("LLaVA's vision tower is a CLIP/SigLIP model with a 2-D patch conv, left as it is")
     model = build_model(family)
     patch_embed = model.model.visual.patch_embed
     batch = make_batch(family, model, PROMPTS)
