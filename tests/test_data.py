@@ -123,6 +123,36 @@ def test_lesion_classes_look_different_where_the_box_is():
     assert disk.std() > 40 and (disk > 200).mean() < 0.5  # scattered bright dots on tissue
 
 
+def test_lookalikes_leave_records_and_lesions_alone():
+    for index in range(6):
+        plain, plain_image = make_phantom_record(index, seed=5, image_size=112)
+        assert make_phantom_record(index, seed=5, image_size=112, lookalikes=0)[1].tobytes() == plain_image.tobytes()
+        record, image = make_phantom_record(index, seed=5, image_size=112, lookalikes=2)
+        assert record == plain  # same question, answer, boxes and reasoning: distractors are not findings
+        before, after = (np.asarray(i, dtype=np.float64) for i in (plain_image, image))
+        changed = np.abs(after - before) > 60  # far above the acquisition noise
+        assert changed.sum() > 20, "a distractor was drawn"
+        ys, xs = np.mgrid[0:112, 0:112] + 0.5
+        for x1, y1, x2, y2 in record["bbox"]:
+            in_box = (xs >= x1 * 112) & (xs <= x2 * 112) & (ys >= y1 * 112) & (ys <= y2 * 112)
+            assert not changed[in_box].any(), "distractors stay clear of the lesions"
+
+
+def test_lookalikes_are_elongated_distractors():
+    lesion = Lesion("hyperdense nodule", center=(0.3, 0.45), radius=0.07)
+    plain = np.asarray(make_scan_like_image(224, [lesion], seed=4).image, dtype=np.float64)
+    scan = make_scan_like_image(224, [lesion], seed=4, lookalikes=1)
+    assert scan.boxes == make_scan_like_image(224, [lesion], seed=4).boxes
+    changed = np.abs(np.asarray(scan.image, dtype=np.float64) - plain) > 60
+    ys, xs = np.nonzero(changed)
+    spread = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(np.float64)))
+    assert spread[1] > 3 * spread[0], "elongated, unlike the round lesions"
+    with pytest.raises(ValueError, match="lookalikes"):
+        make_scan_like_image(112, ["hypodense cyst"], lookalikes=-1)
+    with pytest.raises(ValueError, match="lookalikes"):
+        make_phantom_record(0, lookalikes=True)
+
+
 def test_make_scan_like_image_validates_arguments():
     scan = make_scan_like_image((140, 112), ["hypodense cyst", "hypodense cyst"], seed=1)
     assert scan.image.size == (140, 112) and scan.kinds == ["hypodense cyst"] * 2 and len(scan.boxes) == 2

@@ -50,6 +50,8 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _RADIUS_RANGE = (0.055, 0.085)
 _SECOND_LESION_PROBABILITY = 0.3
 _TISSUE = 0.42  # soft-tissue gray level that lesions are drawn against
+# look-alikes (vessels, bowel loops, calcified plaques): elongated, so shape tells them from the round lesions
+_LOOKALIKE_ASPECT = (2.6, 3.4)
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,63 @@ def _draw_lesion(canvas: np.ndarray, rng: np.random.Generator, lesion: Lesion) -
         raise ValueError(f"lesion kind must be one of {LESION_CLASSES}, got {lesion.kind!r}")
 
 
+def _lookalike_axes(radius_px: float, aspect: float) -> tuple[float, float]:
+    """Semi-axes (long, short) in pixels of a look-alike with the area of a lesion of ``radius_px``."""
+    return radius_px * math.sqrt(aspect), radius_px / math.sqrt(aspect)
+
+
+def _draw_lookalike(canvas: np.ndarray, rng: np.random.Generator, kind: str, center: tuple[float, float],
+                    radius_px: float, aspect: float, angle: float) -> None:
+    """An elongated structure with the appearance of lesion class ``kind`` (not a lesion: no box, not the answer)."""
+    height, width = canvas.shape
+    xs, ys = _grid(width, height)
+    long_axis, short_axis = _lookalike_axes(radius_px, aspect)
+    inside = _soft_inside(_ellipse_radius(xs, ys, *center, long_axis, short_axis, angle), 1.0 / short_axis)
+    if kind == "hyperdense nodule":
+        _blend(canvas, inside, 0.92)
+    elif kind == "hypodense cyst":
+        _blend(canvas, inside, 0.08)
+    elif kind == "ring-enhancing lesion":
+        _blend(canvas, inside, 0.92)
+        core = _ellipse_radius(xs, ys, *center, 0.7 * long_axis, 0.45 * short_axis, angle)
+        _blend(canvas, _soft_inside(core, 2.0 / short_axis), 0.14)
+    else:  # speckled: bright dots strung along the long axis over flat tissue
+        _blend(canvas, inside, _TISSUE)
+        dot_radius = max(0.9, 0.17 * radius_px)
+        for _ in range(int(rng.integers(5, 8))):
+            along = rng.uniform(-0.85, 0.85) * long_axis
+            dx, dy = center[0] + along * math.cos(angle), center[1] + along * math.sin(angle)
+            _blend(canvas, _disk_coverage(xs, ys, dx, dy, dot_radius), 0.97)
+
+
+def _draw_lookalikes(canvas: np.ndarray, rng: np.random.Generator, count: int, avoid_kind: str,
+                     lesions: Sequence[Lesion], body: _Body) -> None:
+    """``count`` look-alikes with the appearance of other classes than ``avoid_kind``, clear of the lesions."""
+    height, width = canvas.shape
+    side = min(width, height)
+    kinds = [k for k in LESION_CLASSES if k != avoid_kind]
+    taken = [(lesion.center[0] * width, lesion.center[1] * height, lesion.radius * side) for lesion in lesions]
+    for _ in range(count):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        for _ in range(200):
+            radius_px = rng.uniform(*_RADIUS_RANGE) * side
+            aspect, angle = rng.uniform(*_LOOKALIKE_ASPECT), rng.uniform(0.0, math.pi)
+            reach = _lookalike_axes(radius_px, aspect)[0]
+            turn, distance = rng.uniform(0, 2 * math.pi), 0.72 * math.sqrt(rng.uniform())
+            cx = body.cx + distance * body.ax * math.cos(turn)
+            cy = body.cy + distance * body.ay * math.sin(turn)
+            if math.hypot(cx - body.spine[0], cy - body.spine[1]) < 1.4 * body.spine[2] + reach + 2:
+                continue
+            tips = [(cx + sign * reach * math.cos(angle), cy + sign * reach * math.sin(angle)) for sign in (-1, 1)]
+            if any(math.hypot((x - body.cx) / body.ax, (y - body.cy) / body.ay) > 0.82 for x, y in tips):
+                continue  # both ends inside the soft tissue
+            if any(math.hypot(cx - x, cy - y) < reach + r + 4 for x, y, r in taken):
+                continue
+            _draw_lookalike(canvas, rng, kind, (cx, cy), radius_px, aspect, angle)
+            taken.append((cx, cy, reach))
+            break
+
+
 def _place_lesions(
     rng: np.random.Generator, kinds: Sequence[str], width: int, height: int, body: _Body
 ) -> list[Lesion]:
@@ -235,7 +294,7 @@ def _size(image_size) -> tuple[int, int]:
     return width, height
 
 
-def make_scan_like_image(image_size=112, lesions=None, seed=0) -> ScanImage:
+def make_scan_like_image(image_size=112, lesions=None, seed=0, lookalikes: int = 0) -> ScanImage:
     """Render one scan-like grayscale image with known lesion boxes.
 
     Args:
@@ -243,6 +302,10 @@ def make_scan_like_image(image_size=112, lesions=None, seed=0) -> ScanImage:
         lesions: None (one lesion of a random class), or a sequence whose items are a class name from
             :data:`LESION_CLASSES` (placed at random inside the body) or a :class:`Lesion` (drawn where given).
         seed: int or sequence of ints for ``numpy.random.default_rng``.
+        lookalikes: number of distractors to draw (vessels, bowel loops, plaques): elongated structures that look
+            like a lesion class other than the first lesion's, placed clear of the lesions. They are not lesions:
+            no box, not the answer; only their shape (elongated, lesions are round) tells them apart. 0 draws none
+            and leaves the image exactly as without this argument.
 
     Returns:
         :class:`ScanImage` with ``image`` (PIL "L", ``image_size``), ``lesions`` and normalized ``boxes``
@@ -262,8 +325,12 @@ def make_scan_like_image(image_size=112, lesions=None, seed=0) -> ScanImage:
     random_kinds = [item for item in lesions if isinstance(item, str)]
     placed = iter(_place_lesions(rng, random_kinds, width, height, body))
     resolved = [item if isinstance(item, Lesion) else next(placed) for item in lesions]
+    if not isinstance(lookalikes, int) or isinstance(lookalikes, bool) or lookalikes < 0:
+        raise ValueError(f"lookalikes must be an int >= 0, got {lookalikes!r}")
     for lesion in resolved:
         _draw_lesion(canvas, rng, lesion)
+    if lookalikes and resolved:
+        _draw_lookalikes(canvas, rng, lookalikes, resolved[0].kind, resolved, body)
     canvas += 0.012 * rng.standard_normal(canvas.shape)  # acquisition noise, after the lesions like in a scan
     pixels = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
     return ScanImage(Image.fromarray(pixels), resolved, [lesion.box(width, height) for lesion in resolved])
@@ -290,12 +357,14 @@ def make_phantom_record(
     image_size=112,
     max_lesions: int = 2,
     shuffle_options: bool = False,
+    lookalikes: int = 0,
 ) -> tuple[dict, Image.Image]:
     """Build sample ``index`` of a phantom dataset: its JSON record (without ``image_path``) and its image.
 
     The class is balanced over consecutive indices (``(index + offset(seed)) % 4``); the number of lesions is 1,
     or 2 with probability 0.3 when ``max_lesions >= 2``. Option order is fixed (A = hyperdense nodule, ...) unless
-    ``shuffle_options`` is True.
+    ``shuffle_options`` is True. ``lookalikes`` > 0 adds 1 to ``lookalikes`` distractors per image (see
+    :func:`make_scan_like_image`); 0 leaves every record and image exactly as before the option existed.
 
     Returns:
         (record, image) where record has ``question`` (``"<image>"`` + question + inline options), ``answer``
@@ -309,8 +378,12 @@ def make_phantom_record(
     rng = np.random.default_rng([int(seed), int(index)])
     offset = int(np.random.default_rng([int(seed)]).integers(len(LESION_CLASSES)))
     kind = LESION_CLASSES[(int(index) + offset) % len(LESION_CLASSES)]
+    if not isinstance(lookalikes, int) or isinstance(lookalikes, bool) or lookalikes < 0:
+        raise ValueError(f"lookalikes must be an int >= 0, got {lookalikes!r}")
     count = 2 if max_lesions >= 2 and rng.uniform() < _SECOND_LESION_PROBABILITY else 1
-    scan = make_scan_like_image(image_size, [kind] * count, seed=rng.integers(2**63 - 1))
+    image_seed = rng.integers(2**63 - 1)
+    distractors = int(rng.integers(1, lookalikes + 1)) if lookalikes else 0
+    scan = make_scan_like_image(image_size, [kind] * count, seed=image_seed, lookalikes=distractors)
 
     order = list(LESION_CLASSES)
     if shuffle_options:
@@ -338,11 +411,13 @@ def write_phantom_dataset(
     split: str = "train",
     max_lesions: int = 2,
     shuffle_options: bool = False,
+    lookalikes: int = 0,
 ) -> Path:
     """Write a phantom dataset in the ViToS JSON format: ``{out_dir}/{split}.json`` + ``{out_dir}/images/*.png``.
 
     Image paths in the JSON are relative to ``out_dir`` (the loader resolves them against the JSON's folder).
-    Use different ``seed`` values for train and test splits. See :func:`make_phantom_record` for the fields.
+    Use different ``seed`` values for train and test splits. See :func:`make_phantom_record` for the fields and
+    ``lookalikes`` (distractor structures).
 
     Returns:
         Path of the JSON file.
@@ -355,7 +430,7 @@ def write_phantom_dataset(
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(num_samples):
-        record, image = make_phantom_record(index, seed, image_size, max_lesions, shuffle_options)
+        record, image = make_phantom_record(index, seed, image_size, max_lesions, shuffle_options, lookalikes)
         relative = f"images/{split}_{index:05d}.png"
         image.save(out_dir / relative, format="PNG")
         records.append({"image_path": [relative], **record})

@@ -37,6 +37,7 @@ class PresetSpec:
         description: one line for --help.
         train_samples / eval_samples: phantom dataset sizes (train and held-out test use different seeds).
         image_size: phantom image side in pixels; the processor resizes to exactly this (min = max pixels).
+        lookalikes: up to this many distractor structures per phantom scan (vitos_ext.data.write_phantom_dataset).
         text_config / vision_config: overrides of the tiny Qwen2.5-VL architecture.
         config: TrainerConfig fields.
     """
@@ -45,6 +46,7 @@ class PresetSpec:
     train_samples: int
     eval_samples: int
     image_size: int
+    lookalikes: int = 0
     text_config: dict[str, Any] = field(default_factory=dict)
     vision_config: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -83,10 +85,9 @@ PRESETS: dict[str, PresetSpec] = {
 def _write_phantom(data_dir: Path, spec: PresetSpec, seed: int) -> tuple[Path, Path]:
     from ..data import write_phantom_dataset
 
-    train = write_phantom_dataset(data_dir, spec.train_samples, seed=2 * seed + 1, image_size=spec.image_size,
-                                  split="train")
-    test = write_phantom_dataset(data_dir, spec.eval_samples, seed=2 * seed + 2, image_size=spec.image_size,
-                                 split="test")
+    common = dict(image_size=spec.image_size, lookalikes=spec.lookalikes)
+    train = write_phantom_dataset(data_dir, spec.train_samples, seed=2 * seed + 1, split="train", **common)
+    test = write_phantom_dataset(data_dir, spec.eval_samples, seed=2 * seed + 2, split="test", **common)
     return train, test
 
 
