@@ -55,7 +55,9 @@ class PresetSpec:
 PRESETS: dict[str, PresetSpec] = {
     "tiny-phantom": PresetSpec(
         description="tiny Qwen2.5-VL on synthetic phantom scans, CPU, SFT + stage 1 + stage 2 in < 15 min",
-        train_samples=512,
+        # 4096 scans: with 512 the SFT warm-up sees each scan ~20 times and memorizes it (training accuracy 0.9,
+        # held-out 0.76); the data is free, so the warm-up sees each scan about 8 times instead
+        train_samples=4096,
         eval_samples=512,
         image_size=112,
         # head_dim 16 leaves 8 rotary frequencies; with Qwen's theta 1e6 the height/width sections of M-RoPE rotate
@@ -64,10 +66,14 @@ PRESETS: dict[str, PresetSpec] = {
         text_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                      "num_attention_heads": 8, "num_key_value_heads": 4,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 2.0, "mrope_section": [1, 3, 4]}},
+        # the shipped tiny vision tower (hidden 32) caps lesion classification near 0.76 held-out accuracy; hidden 64
+        # costs little (64 patches per scan) and lifts it to ~0.95
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_heads": 4},
         config=dict(
             schedule="stages",
-            sft_steps=350, sft_batch_size=32, sft_lr=2e-3, sft_warmup_steps=20, sft_sparse_fraction=0.5,
-            grounding_steps=30, sparse_steps=25, prompts_per_step=8, group_size=8, sparse_group_size=2,
+            # box regression needs the longer warm-up: held-out IoU 0.09-0.15 after 350 steps, 0.33-0.37 after 1000
+            sft_steps=1000, sft_batch_size=32, sft_lr=2e-3, sft_warmup_steps=20, sft_sparse_fraction=0.5,
+            grounding_steps=40, sparse_steps=30, prompts_per_step=8, group_size=8, sparse_group_size=2,
             updates_per_batch=2, lr=5e-5, sparse_lr=2e-5, epsilon_low=0.2, epsilon_high=0.28, beta=0.0,
             # a low sampling temperature keeps GRPO close to the greedy mode that the evaluation decodes
             temperature=0.7, top_p=1.0, max_new_tokens=80,
