@@ -197,6 +197,17 @@ def _draw_lesion(canvas: np.ndarray, rng: np.random.Generator, lesion: Lesion) -
         raise ValueError(f"lesion kind must be one of {LESION_CLASSES}, got {lesion.kind!r}")
 
 
+def _body_point(rng: np.random.Generator, body: _Body) -> tuple[float, float]:
+    """A random pixel position inside the inner 72% of the body ellipse (area-uniform)."""
+    angle, distance = rng.uniform(0, 2 * math.pi), 0.72 * math.sqrt(rng.uniform())
+    return body.cx + distance * body.ax * math.cos(angle), body.cy + distance * body.ay * math.sin(angle)
+
+
+def _touches_spine(cx: float, cy: float, reach: float, body: _Body) -> bool:
+    """Whether a structure reaching ``reach`` pixels from (cx, cy) comes within 2 pixels of the vertebra."""
+    return math.hypot(cx - body.spine[0], cy - body.spine[1]) < 1.4 * body.spine[2] + reach + 2
+
+
 def _lookalike_axes(radius_px: float, aspect: float) -> tuple[float, float]:
     """Semi-axes (long, short) in pixels of a look-alike with the area of a lesion of ``radius_px``."""
     return radius_px * math.sqrt(aspect), radius_px / math.sqrt(aspect)
@@ -239,10 +250,8 @@ def _draw_lookalikes(canvas: np.ndarray, rng: np.random.Generator, count: int, a
             radius_px = rng.uniform(*_RADIUS_RANGE) * side
             aspect, angle = rng.uniform(*_LOOKALIKE_ASPECT), rng.uniform(0.0, math.pi)
             reach = _lookalike_axes(radius_px, aspect)[0]
-            turn, distance = rng.uniform(0, 2 * math.pi), 0.72 * math.sqrt(rng.uniform())
-            cx = body.cx + distance * body.ax * math.cos(turn)
-            cy = body.cy + distance * body.ay * math.sin(turn)
-            if math.hypot(cx - body.spine[0], cy - body.spine[1]) < 1.4 * body.spine[2] + reach + 2:
+            cx, cy = _body_point(rng, body)
+            if _touches_spine(cx, cy, reach, body):
                 continue
             tips = [(cx + sign * reach * math.cos(angle), cy + sign * reach * math.sin(angle)) for sign in (-1, 1)]
             if any(math.hypot((x - body.cx) / body.ax, (y - body.cy) / body.ay) > 0.82 for x, y in tips):
@@ -263,11 +272,9 @@ def _place_lesions(
     for kind in kinds:
         for _ in range(200):
             radius = rng.uniform(*_RADIUS_RANGE)
-            angle, distance = rng.uniform(0, 2 * math.pi), 0.72 * math.sqrt(rng.uniform())
-            cx = body.cx + distance * body.ax * math.cos(angle)
-            cy = body.cy + distance * body.ay * math.sin(angle)
+            cx, cy = _body_point(rng, body)
             r_px = radius * side
-            if math.hypot(cx - body.spine[0], cy - body.spine[1]) < 1.4 * body.spine[2] + r_px + 2:
+            if _touches_spine(cx, cy, r_px, body):
                 continue
             if any(
                 math.hypot(cx - o.center[0] * width, cy - o.center[1] * height) < r_px + o.radius * side + 3
@@ -279,6 +286,11 @@ def _place_lesions(
         else:  # pragma: no cover - only for absurdly small images
             raise ValueError(f"could not place {len(kinds)} lesion(s) in a {width}x{height} image")
     return placed
+
+
+def _check_lookalikes(lookalikes) -> None:
+    if not isinstance(lookalikes, int) or isinstance(lookalikes, bool) or lookalikes < 0:
+        raise ValueError(f"lookalikes must be an int >= 0, got {lookalikes!r}")
 
 
 def _size(image_size) -> tuple[int, int]:
@@ -325,8 +337,7 @@ def make_scan_like_image(image_size=112, lesions=None, seed=0, lookalikes: int =
     random_kinds = [item for item in lesions if isinstance(item, str)]
     placed = iter(_place_lesions(rng, random_kinds, width, height, body))
     resolved = [item if isinstance(item, Lesion) else next(placed) for item in lesions]
-    if not isinstance(lookalikes, int) or isinstance(lookalikes, bool) or lookalikes < 0:
-        raise ValueError(f"lookalikes must be an int >= 0, got {lookalikes!r}")
+    _check_lookalikes(lookalikes)
     for lesion in resolved:
         _draw_lesion(canvas, rng, lesion)
     if lookalikes and resolved:
@@ -378,8 +389,7 @@ def make_phantom_record(
     rng = np.random.default_rng([int(seed), int(index)])
     offset = int(np.random.default_rng([int(seed)]).integers(len(LESION_CLASSES)))
     kind = LESION_CLASSES[(int(index) + offset) % len(LESION_CLASSES)]
-    if not isinstance(lookalikes, int) or isinstance(lookalikes, bool) or lookalikes < 0:
-        raise ValueError(f"lookalikes must be an int >= 0, got {lookalikes!r}")
+    _check_lookalikes(lookalikes)
     count = 2 if max_lesions >= 2 and rng.uniform() < _SECOND_LESION_PROBABILITY else 1
     image_seed = rng.integers(2**63 - 1)
     distractors = int(rng.integers(1, lookalikes + 1)) if lookalikes else 0
