@@ -323,3 +323,37 @@ def test_tensor_memo_keys_on_identity_version_and_extra_and_skips_failures():
     assert memo.lookup((a,), "z") == (False, None)  # a failed computation is never remembered
     with pytest.raises(ValueError, match="capacity"):
         TensorMemo(capacity=0)
+
+
+def test_caller_packing_is_checked_once_per_forward_also_for_int64_offsets(monkeypatch):
+    """Every layer gets the same cu_seq_lens objects: the first converts them to int32 and checks their values
+    (a host sync), the others reuse that; offsets that fail the check are never remembered."""
+    import vitos_ext.hf_attention as hf_attention
+    from vitos_ext._tensor_memo import TensorMemo
+
+    monkeypatch.setattr(hf_attention, "_validated_packings", TensorMemo())
+    checks, real = [], hf_attention.varlen_attention
+
+    def recording(*args, check_values=True, **kwargs):
+        checks.append((args[3].dtype, check_values))
+        return real(*args, check_values=check_values, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "varlen_attention", recording)
+    torch.manual_seed(6)
+    query, key, value = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    module = _Module(HF_ATTENTION_NAME)
+    cu = torch.tensor([0, 5, 12])  # int64, as a data collator may hand it over
+
+    def layer(offsets, longest=7):
+        return vitos_varlen_attention_forward(module, query, key, value, None, scaling=0.25, is_causal=True,
+                                              cu_seq_lens_q=offsets, cu_seq_lens_k=offsets,
+                                              max_length_q=longest, max_length_k=longest)[0]
+
+    first, second = layer(cu), layer(cu)
+    assert checks == [(torch.int32, True), (torch.int32, False)]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    bad = torch.tensor([0, 5, 11])  # last offset != rows
+    for _ in range(2):
+        with pytest.raises(ValueError, match="cu_seqlens_q"):
+            layer(bad)
+    assert checks[2:] == [(torch.int32, True), (torch.int32, True)]

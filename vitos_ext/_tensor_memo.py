@@ -40,6 +40,7 @@ class TensorMemo:
         return False, None
 
     def store(self, tensors: Sequence[torch.Tensor], extra: Hashable, value: Any) -> None:
+        """Remember ``value`` for these tensors (as they are now) and ``extra``, evicting the oldest entry."""
         if torch.compiler.is_compiling():
             return
         entry = (tuple(weakref.ref(t) for t in tensors), self._key(tensors, extra), value)

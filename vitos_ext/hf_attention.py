@@ -195,10 +195,12 @@ def vitos_varlen_attention_forward(
     v_rows = v.reshape(-1, *v.shape[2:])
     packed = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
     if all(x is not None for x in packed):  # caller-provided packing: validated once per forward
-        cu_q, cu_k, max_q, max_k = _as_int32(packed[0]), _as_int32(packed[1]), int(packed[2]), int(packed[3])
-        checked, _ = _validated_packings.lookup((cu_q, cu_k), (max_q, max_k))
+        # keyed on the caller's tensors: int64 offsets are converted (and checked) once per forward, not per layer
+        max_q, max_k = int(packed[2]), int(packed[3])
+        checked, converted = _validated_packings.lookup((packed[0], packed[1]), (max_q, max_k))
+        cu_q, cu_k = converted if checked else (_as_int32(packed[0]), _as_int32(packed[1]))
         out = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, max_q, max_k, check_values=not checked, **call)
-        _validated_packings.store((cu_q, cu_k), (max_q, max_k), True)  # only reached if the checks passed
+        _validated_packings.store((packed[0], packed[1]), (max_q, max_k), (cu_q, cu_k))  # reached only if valid
         return out.view(batch, len_q, *out.shape[1:]), None
 
     cu = _packing_plan(kwargs.get("position_ids"), batch, len_q) if len_q == len_k else None
