@@ -13,7 +13,8 @@ import torch
 
 from .data import TrainingExample, build_prompt_text
 
-__all__ = ["EncodedPrompt", "PromptBatch", "SequenceBatch", "PromptEncoder", "collate_prompts", "build_sequences"]
+__all__ = ["EncodedPrompt", "PromptBatch", "SequenceBatch", "PromptEncoder", "collate_prompts", "build_sequences",
+           "concat_prompt_batches", "concat_sequence_batches"]
 
 
 @dataclass
@@ -205,3 +206,37 @@ def build_sequences(prompt: PromptBatch, completions: list[torch.Tensor], pad_to
         ids[row, :tokens.numel()] = tokens
         mask[row, :tokens.numel()] = 1
     return SequenceBatch(prompt, ids, mask)
+
+
+def _pad_columns(tensor: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    return torch.nn.functional.pad(tensor, (missing, 0) if left else (0, missing), value=value)
+
+
+def concat_prompt_batches(batches: list[PromptBatch], pad_token_id: int) -> PromptBatch:
+    """The rows of several prompt batches as one batch, in order (re-padded on the left to the longest prompt)."""
+    if not batches:
+        raise ValueError("batches must not be empty")
+    width = max(b.input_ids.shape[1] for b in batches)
+    stack = lambda name, value: torch.cat([_pad_columns(getattr(b, name), width, value, left=True)  # noqa: E731
+                                          for b in batches])
+    return PromptBatch(
+        input_ids=stack("input_ids", pad_token_id),
+        attention_mask=stack("attention_mask", 0),
+        mm_token_type_ids=stack("mm_token_type_ids", 0),
+        pixel_values=torch.cat([b.pixel_values for b in batches]),
+        image_grid_thw=torch.cat([b.image_grid_thw for b in batches]),
+        patch_counts=[count for b in batches for count in b.patch_counts],
+    )
+
+
+def concat_sequence_batches(batches: list[SequenceBatch], pad_token_id: int) -> SequenceBatch:
+    """The rows of several sequence batches as one batch: prompts re-padded on the left, completions on the right."""
+    if not batches:
+        raise ValueError("batches must not be empty")
+    width = max(b.completion_ids.shape[1] for b in batches)
+    return SequenceBatch(
+        concat_prompt_batches([b.prompt for b in batches], pad_token_id),
+        torch.cat([_pad_columns(b.completion_ids, width, pad_token_id, left=False) for b in batches]),
+        torch.cat([_pad_columns(b.completion_mask, width, 0, left=False) for b in batches]),
+    )

@@ -108,6 +108,11 @@ class TrainerConfig:
     sparse_group_size: int | None = None  # G': sparse rollouts per grounding rollout (None -> G)
     updates_per_batch: int = 1  # policy-update passes over one rollout batch (mu in GRPO)
     mini_batch_size: int | None = None  # rollouts per optimizer step (None: the whole branch batch)
+    # DAPO dynamic sampling: a step keeps drawing rollout batches (at most max_sampling_rounds) until it has
+    # prompts_per_step prompts whose group rewards differ in the branch being optimized; groups where every rollout
+    # got the same reward have zero advantage and are dropped (topped up with them only when the rounds run out)
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
     lr: float = 1e-5
     sparse_lr: float | None = None  # learning rate of stage 2 (the sparse branch); None: lr
     lr_warmup_steps: int = 0
@@ -183,8 +188,10 @@ class TrainerConfig:
         for name in ("sft_steps", "sft_warmup_steps", "grounding_steps", "sparse_steps", "alternate_steps",
                      "lr_warmup_steps", "eval_every", "save_every", "dilate", "top_k"):
             _positive_int(name, getattr(self, name), minimum=0)
+        if not isinstance(self.dynamic_sampling, bool):
+            raise ValueError(f"dynamic_sampling must be a bool, got {self.dynamic_sampling!r}")
         for name in ("sft_batch_size", "prompts_per_step", "group_size", "updates_per_batch", "max_new_tokens",
-                     "eval_batch_size", "keep_checkpoints", "log_every"):
+                     "eval_batch_size", "keep_checkpoints", "log_every", "max_sampling_rounds"):
             _positive_int(name, getattr(self, name))
         for name in ("sparse_group_size", "mini_batch_size", "generation_batch_size", "eval_max_samples",
                      "num_threads"):

@@ -23,6 +23,7 @@ __all__ = [
     "LossStats",
     "group_advantages",
     "group_statistics",
+    "informative_groups",
     "k3_kl",
     "aggregate_token_loss",
     "clipped_surrogate_loss",
@@ -110,6 +111,27 @@ def group_advantages(
     else:
         std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
     return centered / (std + epsilon)
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups of consecutive rollouts have rewards that are not all equal (DAPO's dynamic-sampling filter).
+
+    A group whose rollouts all got the same reward has zero advantage in every row, so it adds no gradient, only
+    tokens to the loss's denominator.
+
+    Args:
+        rewards: float [N], rows group-major (group g owns rows g * group_size .. g * group_size + group_size - 1).
+        group_size: rows per group, N divisible by it.
+
+    Returns:
+        bool [N / group_size].
+    """
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a 1-D float tensor [N], got {getattr(rewards, 'shape', type(rewards))}")
+    if not isinstance(group_size, int) or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_size must be a positive int dividing N={rewards.numel()}, got {group_size!r}")
+    grouped = rewards.view(-1, group_size)
+    return grouped.amax(1) > grouped.amin(1)
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

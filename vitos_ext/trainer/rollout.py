@@ -19,7 +19,7 @@ top-k and top-p are applied as in ``generate(do_sample=True)``, then one token i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -27,12 +27,13 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from ..parsing import parse_output
 from ..sparsity import keep_mask_from_boxes
-from .batching import PromptBatch, SequenceBatch, build_sequences
+from .batching import PromptBatch, SequenceBatch, build_sequences, concat_sequence_batches
 from .logprobs import SparseSelection
 
 __all__ = [
     "SamplingSettings",
     "Rollouts",
+    "concat_rollouts",
     "RowSeededSampler",
     "rollout_row_seeds",
     "visual_token_counts",
@@ -101,6 +102,50 @@ class Rollouts:
             counts = visual_token_counts(self.sequences.prompt.image_grid_thw, self.merge_size)
             selection = SparseSelection(_rows_of_mask(self.selection.keep, counts, rows), self.selection.fuse)
         return self.sequences.select(rows), selection
+
+    def take(self, rows: list[int] | torch.Tensor) -> "Rollouts":
+        """A subset of rows as new :class:`Rollouts` (``parent`` still indexes the original grounding rows)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        sequences, selection = self.select(rows)
+        index = rows.tolist()
+        return replace(self, sequences=sequences, texts=[self.texts[r] for r in index], group_ids=self.group_ids[rows],
+                       example_ids=[self.example_ids[r] for r in index], parent=self.parent[rows],
+                       truncated=self.truncated[rows], boxes=[self.boxes[r] for r in index], selection=selection,
+                       kept_ratio=self.kept_ratio[rows])
+
+
+def concat_rollouts(parts: list[Rollouts], pad_token_id: int, parent: torch.Tensor | None = None) -> Rollouts:
+    """The rows of several :class:`Rollouts` of one branch as one, in order.
+
+    Args:
+        parts: rollouts of the same branch (and, for sparse rollouts, the same fusion setting).
+        pad_token_id: the pad token of the re-padded prompts and completions.
+        parent: int64 [N] of the result (the parent rows in the matching concatenated grounding rollouts); None
+            keeps each part's own ``parent``.
+
+    Returns:
+        :class:`Rollouts` whose ``row_offset`` is the first part's.
+    """
+    if not parts:
+        raise ValueError("parts must not be empty")
+    branches = {part.branch for part in parts}
+    if len(branches) != 1:
+        raise ValueError(f"parts must all be rollouts of one branch, got {sorted(branches)}")
+    selection = None
+    if parts[0].selection is not None:
+        if any(part.selection is None or part.selection.fuse != parts[0].selection.fuse for part in parts):
+            raise ValueError("parts must all carry a sparse selection with the same fuse setting")
+        selection = SparseSelection(torch.cat([part.selection.keep for part in parts]), parts[0].selection.fuse)
+    cat_lists = lambda name: [item for part in parts for item in getattr(part, name)]  # noqa: E731
+    cat_tensors = lambda name: torch.cat([getattr(part, name) for part in parts])  # noqa: E731
+    merged_parent = cat_tensors("parent") if parent is None else torch.as_tensor(parent, dtype=torch.int64)
+    if merged_parent.shape[0] != sum(part.size for part in parts):
+        raise ValueError(f"parent must have one entry per row ({sum(part.size for part in parts)}), "
+                         f"got {merged_parent.shape[0]}")
+    return replace(parts[0], sequences=concat_sequence_batches([part.sequences for part in parts], pad_token_id),
+                   texts=cat_lists("texts"), group_ids=cat_tensors("group_ids"), example_ids=cat_lists("example_ids"),
+                   parent=merged_parent, truncated=cat_tensors("truncated"), boxes=cat_lists("boxes"),
+                   selection=selection, kept_ratio=cat_tensors("kept_ratio"))
 
 
 def special_token_ids(model: torch.nn.Module) -> tuple[list[int], list[int]]:

@@ -21,6 +21,9 @@ from .data import TrainingExample
 __all__ = ["RewardTerms", "basic_terms", "grounding_rewards", "sparse_rewards", "NonFiniteError"]
 
 
+_TERM_NAMES = ("format", "iou", "accuracy", "cross", "total", "precision")  # RewardTerms fields, in order
+
+
 class NonFiniteError(FloatingPointError):
     """A reward, loss or gradient was NaN/inf: training stops and the last good checkpoint is kept."""
 
@@ -35,6 +38,22 @@ class RewardTerms:
     cross: torch.Tensor
     total: torch.Tensor
     precision: torch.Tensor | None = None
+
+    def take(self, rows: torch.Tensor) -> "RewardTerms":
+        """The terms of a subset of rollouts (int64 [R])."""
+        pick = lambda values: values[rows] if values is not None else None  # noqa: E731
+        return RewardTerms(*(pick(getattr(self, name)) for name in _TERM_NAMES))
+
+    @staticmethod
+    def concat(parts: list["RewardTerms"]) -> "RewardTerms":
+        """The terms of several rollout batches, in order."""
+        if not parts:
+            raise ValueError("parts must not be empty")
+        merged = []
+        for name in _TERM_NAMES:
+            values = [getattr(part, name) for part in parts]
+            merged.append(None if any(v is None for v in values) else torch.cat(values))
+        return RewardTerms(*merged)
 
     def means(self, prefix: str) -> dict[str, float]:
         """Batch means of every term, keys "<prefix>format", ... (for metrics)."""

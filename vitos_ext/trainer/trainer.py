@@ -9,6 +9,8 @@ distributed trainer can wrap (shard rows, all-gather rewards and group ids befor
     2. rewards    :meth:`score`                                             (format / IoU / accuracy / cross)
     3. advantages :func:`vitos_ext.trainer.grpo.group_advantages`           (per group id)
     4. update     :meth:`update_branch`                                     (clipped surrogate, optimizer steps)
+With ``dynamic_sampling`` (DAPO), stages 1-2 repeat over rounds of new prompts until the batch holds prompts whose
+rewards differ within their group (:meth:`DualStreamGRPOTrainer.collect_rollouts`).
 Gradient isolation: an update runs the training forward of its own branch's rollouts only; the other branch's
 rollouts enter as detached rewards (cross-feedback) or, for the sparse branch, as the boxes that select tokens.
 
@@ -27,6 +29,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +51,13 @@ from .config import TrainerConfig
 from .data import DataOrder, TrainingData, gold_completion
 from .distributed import DataParallel, DistributedConfig, setup_distributed
 from .evaluate import EvalResult, evaluate_policy, format_eval_table
-from .grpo import clipped_surrogate_loss, group_advantages
+from .grpo import clipped_surrogate_loss, group_advantages, informative_groups
 from .logprobs import FORWARD_LAYOUTS, SparseSelection, TrainingForward, completion_logprobs, resolve_forward_layout
 from .metrics import MetricsLogger, plot_curves
 from .rollout import (
     Rollouts,
     SamplingSettings,
+    concat_rollouts,
     generate_completions,
     make_rollouts,
     rollout_row_seeds,
@@ -157,6 +161,7 @@ class DualStreamGRPOTrainer:
         # the module every gradient-carrying policy forward goes through (DDP / FSDP2 wrap it when data-parallel)
         self.training_forward = self.dist.wrap(TrainingForward(self.model, self.forward_layout))
         self._prompt_offset = 0  # first global prompt slot of this rank's share of the current step
+        self._group_base = 0  # first global prompt slot of the current sampling round (dynamic sampling)
         self._rollout_calls = 0  # rollout generate() calls in the current step (a row-seeding stream id)
         self.order = DataOrder(len(train_data), config.seed)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -533,13 +538,14 @@ class DualStreamGRPOTrainer:
         group = self.config.group_size
         rows = torch.arange(prompt.size).repeat_interleave(group)
         expanded = prompt.select(rows)
-        row_offset = self._prompt_offset * group
+        row_offset = (self._group_base + self._prompt_offset) * group
         with nvtx_range("vitos.trainer.rollout.grounding"), self.dist.gathered_parameters():
             completions, truncated = generate_completions(self.model, expanded, self._sampling(),
                                                           merge_size=self.merge_size,
                                                           row_seeds=self._row_seeds(row_offset, rows.numel()))
         return make_rollouts("grounding", self.tokenizer, expanded.to("cpu"), completions, truncated,
-                             group_ids=rows + self._prompt_offset, example_ids=[indices[r] for r in rows.tolist()],
+                             group_ids=rows + self._group_base + self._prompt_offset,
+                             example_ids=[indices[r] for r in rows.tolist()],
                              parent=torch.full((rows.numel(),), -1, dtype=torch.int64), selection=None,
                              kept_ratio=torch.ones(rows.numel()), patch_size=self.patch_size,
                              merge_size=self.merge_size, row_offset=row_offset)
@@ -681,6 +687,80 @@ class DualStreamGRPOTrainer:
         metrics.update({f"{branch}/{key}": value / count for key, value in stats_sum.items()})
         return metrics
 
+    def _sample_round(self, phase: str, round_index: int) -> _RolloutRound:
+        """One rollout batch of a step: the next prompts, their grounding rollouts, the sparse rollouts when the
+        phase or the cross-feedback needs them, and the rewards. Group ids of round r start at r * prompts_per_step
+        (unique within the step)."""
+        self._group_base = round_index * self.config.prompts_per_step
+        indices, prompt = self.next_prompts()
+        with nvtx_range("vitos.trainer.rollout"):
+            grounding = self.rollout_grounding(indices, prompt)
+            needs_sparse = phase != "grounding" or self.config.grounding_rewards.cross != 0
+            sparse = self.rollout_sparse(grounding) if needs_sparse else None
+        g_terms, s_terms = self.score(grounding, sparse)
+        return _RolloutRound(grounding, sparse, g_terms, s_terms, len(indices))
+
+    def _informative(self, phase: str, part: _RolloutRound) -> torch.Tensor:
+        """bool [prompts of the round]: whose rewards differ within the group of the branch the step optimizes
+        (the sparse branch in stage 2, else the grounding branch, whose update comes first in "alternate")."""
+        if phase == "sparse":
+            return informative_groups(part.sparse_terms.total, self.config.group_size * self.config.sparse_group)
+        return informative_groups(part.grounding_terms.total, self.config.group_size)
+
+    def collect_rollouts(self, phase: str) -> tuple[_RolloutRound, dict[str, float]]:
+        """The rollouts a GRPO step trains on, and sampling metrics.
+
+        Without ``dynamic_sampling``: one round of ``prompts_per_step`` prompts. With it (DAPO): rounds of
+        ``prompts_per_step`` new prompts until this rank has its share of prompts whose rewards differ within the
+        optimized branch's group, or ``max_sampling_rounds`` rounds ran (every rank runs the same number of rounds);
+        the batch is then topped up with uninformative prompts of the earliest rounds, so every step (and rank)
+        trains on exactly its share of ``prompts_per_step`` prompts. Reward metrics cover every sampled rollout.
+        """
+        config = self.config
+        rounds = [self._sample_round(phase, 0)]
+        if not config.dynamic_sampling:
+            return rounds[0], {}
+        wanted = rounds[0].prompts
+        flags = [self._informative(phase, rounds[0])]
+        while len(rounds) < config.max_sampling_rounds and \
+                self.dist.any(sum(int(f.sum()) for f in flags) < wanted):
+            rounds.append(self._sample_round(phase, len(rounds)))
+            flags.append(self._informative(phase, rounds[-1]))
+        informative = [(r, p) for r, f in enumerate(flags) for p in f.nonzero().flatten().tolist()][:wanted]
+        filler = [(r, p) for r, f in enumerate(flags) for p in (~f).nonzero().flatten().tolist()]
+        chosen = sorted(informative + filler[:wanted - len(informative)])
+        screened = torch.cat(flags).float()
+        metrics = {"sampling/rounds": float(len(rounds)),
+                   **self.dist.mean({"sampling/informative_fraction": float(screened.mean()),
+                                     "sampling/informative_in_batch": len(informative) / wanted},
+                                    weight=float(screened.numel()))}
+        return self._merge_rounds(rounds, chosen), metrics
+
+    def _merge_rounds(self, rounds: list[_RolloutRound], chosen: list[tuple[int, int]]) -> _RolloutRound:
+        """The chosen (round, prompt) groups of several rounds as one batch, prompt-major like a single round."""
+        group, sparse_group = self.config.group_size, self.config.sparse_group
+        grounding_parts, sparse_parts, g_terms, s_terms = [], [], [], []
+        for index, part in enumerate(rounds):
+            prompts = torch.tensor([p for r, p in chosen if r == index], dtype=torch.int64)
+            if not prompts.numel():
+                continue
+            g_rows = (prompts[:, None] * group + torch.arange(group)).flatten()
+            grounding_parts.append(part.grounding.take(g_rows))
+            g_terms.append(part.grounding_terms.take(g_rows))
+            if part.sparse is not None:
+                s_rows = (g_rows[:, None] * sparse_group + torch.arange(sparse_group)).flatten()
+                sparse_parts.append(part.sparse.take(s_rows))
+                s_terms.append(part.sparse_terms.take(s_rows))
+        pad = int(self.tokenizer.pad_token_id)
+        grounding = concat_rollouts(grounding_parts, pad)
+        sparse = None
+        if sparse_parts:
+            parent = torch.arange(grounding.size).repeat_interleave(sparse_group)
+            sparse = concat_rollouts(sparse_parts, pad, parent=parent)
+        all_rewards = _RolloutRound.reward_union(rounds)
+        return _RolloutRound(grounding, sparse, RewardTerms.concat(g_terms),
+                             RewardTerms.concat(s_terms) if s_terms else None, len(chosen), all_rewards)
+
     def grpo_step(self, phase: str) -> dict[str, float]:
         """One GRPO step of a phase: "grounding" (stage 1), "sparse" (stage 2) or "alternate" (grounding update,
         then a sparse update on fresh sparse rollouts from the updated policy and the same grounding boxes)."""
@@ -689,17 +769,16 @@ class DualStreamGRPOTrainer:
         metrics: dict[str, float] = {}
         started = time.perf_counter()
         self._rollout_calls = 0
-        indices, prompt = self.next_prompts()
-        with nvtx_range("vitos.trainer.rollout"):
-            grounding = self.rollout_grounding(indices, prompt)
-            needs_sparse = phase != "grounding" or self.config.grounding_rewards.cross != 0
-            sparse = self.rollout_sparse(grounding) if needs_sparse else None
-        g_terms, s_terms = self.score(grounding, sparse)
+        batch, sampling_metrics = self.collect_rollouts(phase)
+        grounding, sparse, g_terms, s_terms = batch.grounding, batch.sparse, batch.grounding_terms, batch.sparse_terms
         metrics["rollout_seconds"] = time.perf_counter() - started
-        metrics.update(self._reward_means(g_terms, "grounding/reward/"))
-        if s_terms is not None:
-            metrics.update(self._reward_means(s_terms, "sparse/reward/"))
-            metrics.update(self.dist.mean({"sparse/kept_ratio": float(sparse.kept_ratio.mean())}, weight=sparse.size))
+        metrics.update(sampling_metrics)
+        logged_g, logged_s, logged_kept = batch.sampled_rewards or (g_terms, s_terms, sparse.kept_ratio if sparse
+                                                                    is not None else None)
+        metrics.update(self._reward_means(logged_g, "grounding/reward/"))
+        if logged_s is not None:
+            metrics.update(self._reward_means(logged_s, "sparse/reward/"))
+            metrics.update(self.dist.mean({"sparse/kept_ratio": float(logged_kept.mean())}, weight=logged_kept.numel()))
         with nvtx_range("vitos.trainer.update"):
             if phase in ("grounding", "alternate"):
                 metrics.update(self.update_branch(grounding, g_terms))
@@ -712,6 +791,30 @@ class DualStreamGRPOTrainer:
             if phase in ("sparse", "alternate"):
                 metrics.update(self.update_branch(sparse, s_terms))
         return metrics
+
+
+@dataclass
+class _RolloutRound:
+    """Rollouts of one sampling round (or of the chosen groups of several) with their rewards.
+
+    ``sampled_rewards``: (grounding terms, sparse terms or None, sparse kept ratios or None) of every rollout the
+    step sampled, for metrics, when the training batch is a subset of them (dynamic sampling); None otherwise."""
+
+    grounding: Rollouts
+    sparse: Rollouts | None
+    grounding_terms: RewardTerms
+    sparse_terms: RewardTerms | None
+    prompts: int
+    sampled_rewards: tuple[RewardTerms, RewardTerms | None, torch.Tensor | None] | None = None
+
+    @staticmethod
+    def reward_union(rounds: list["_RolloutRound"]) -> tuple[RewardTerms, RewardTerms | None, torch.Tensor | None]:
+        """Reward terms and kept ratios of every rollout of several rounds."""
+        g_terms = RewardTerms.concat([part.grounding_terms for part in rounds])
+        if rounds[0].sparse is None:
+            return g_terms, None, None
+        return (g_terms, RewardTerms.concat([part.sparse_terms for part in rounds]),
+                torch.cat([part.sparse.kept_ratio for part in rounds]))
 
 
 def _progress_bar(total: int, initial: int, phase: str, enabled: bool):
