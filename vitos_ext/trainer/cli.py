@@ -1,7 +1,8 @@
 """Command line / preset entry points of the trainer.
 
     vitos-ext train --preset tiny-phantom [--output-dir DIR] [--seed N] [--set key=value ...]
-    vitos-ext train --model MODEL_DIR --train-file train.json [--eval-file test.json] [--set key=value ...]
+    vitos-ext train --model MODEL_DIR --train-file train.json [--sft-file sft.json] [--eval-file test.json]
+                    [--set key=value ...]
 
 The package CLI calls :func:`train_main` with the arguments after ``train``. ``tiny-phantom`` is the embedded,
 offline CPU demonstration: it writes a synthetic phantom dataset, builds the tiny tokenizer / processor / Qwen2.5-VL,
@@ -36,6 +37,8 @@ class PresetSpec:
     Attributes:
         description: one line for --help.
         train_samples / eval_samples: phantom dataset sizes (train and held-out test use different seeds).
+        sft_samples: size of a separate SFT warm-up set (its own seed), so that GRPO samples scans the warm-up
+            never saw; 0: the warm-up uses the training scans.
         image_size: phantom image side in pixels; the processor resizes to exactly this (min = max pixels).
         lookalikes: up to this many distractor structures per phantom scan (vitos_ext.data.write_phantom_dataset).
         text_config / vision_config: overrides of the tiny Qwen2.5-VL architecture.
@@ -47,6 +50,7 @@ class PresetSpec:
     eval_samples: int
     image_size: int
     lookalikes: int = 0
+    sft_samples: int = 0
     text_config: dict[str, Any] = field(default_factory=dict)
     vision_config: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -90,13 +94,19 @@ PRESETS: dict[str, PresetSpec] = {
 }
 
 
-def _write_phantom(data_dir: Path, spec: PresetSpec, seed: int) -> tuple[Path, Path]:
+def _write_phantom(data_dir: Path, spec: PresetSpec, seed: int) -> tuple[Path, Path, Path | None]:
+    """(train, test, sft or None) JSON files, each split with its own seed: test 2s+2; the scans the warm-up trains
+    on 2s+1 (the SFT set when there is one, else the training set), a separate GRPO training set 2s+1 + 10^6."""
     from ..data import write_phantom_dataset
 
     common = dict(image_size=spec.image_size, lookalikes=spec.lookalikes)
-    train = write_phantom_dataset(data_dir, spec.train_samples, seed=2 * seed + 1, split="train", **common)
     test = write_phantom_dataset(data_dir, spec.eval_samples, seed=2 * seed + 2, split="test", **common)
-    return train, test
+    if not spec.sft_samples:
+        train = write_phantom_dataset(data_dir, spec.train_samples, seed=2 * seed + 1, split="train", **common)
+        return train, test, None
+    sft = write_phantom_dataset(data_dir, spec.sft_samples, seed=2 * seed + 1, split="sft", **common)
+    train = write_phantom_dataset(data_dir, spec.train_samples, seed=2 * seed + 1 + 10**6, split="train", **common)
+    return train, test, sft
 
 
 def _tiny_model_and_processor(spec: PresetSpec, seed: int):
@@ -160,11 +170,12 @@ def run_preset(name: str = "tiny-phantom", output_dir: str | Path | None = None,
         import torch
 
         torch.set_num_threads(config.num_threads)
-    train_file, test_file = _write_phantom(output_dir / "data", spec, seed)
+    train_file, test_file, sft_file = _write_phantom(output_dir / "data", spec, seed)
     model, processor = _tiny_model_and_processor(spec, seed)
     train_data = prepare_training_data(train_file)
     eval_data = prepare_training_data(test_file)
-    trainer = DualStreamGRPOTrainer(model, processor, train_data, config, eval_data=eval_data)
+    sft_data = prepare_training_data(sft_file) if sft_file is not None else None
+    trainer = DualStreamGRPOTrainer(model, processor, train_data, config, eval_data=eval_data, sft_data=sft_data)
     results = trainer.train(resume=resume)
     wall = time.perf_counter() - started
     summary = summarize(results, wall)
@@ -181,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="an embedded offline recipe (tiny-phantom)")
     parser.add_argument("--model", help="local model folder (with its processor), when not using a preset")
     parser.add_argument("--train-file", help="ViToS JSON training data, when not using a preset")
+    parser.add_argument("--sft-file", help="ViToS JSON data of the SFT warm-up (optional; default: --train-file)")
     parser.add_argument("--eval-file", help="held-out ViToS JSON data (optional)")
     parser.add_argument("--config", help="JSON file with TrainerConfig fields")
     parser.add_argument("--output-dir", help="output folder (default outputs/<preset> or from --config)")
@@ -220,7 +232,8 @@ def _run_custom(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     model = AutoModelForImageTextToText.from_pretrained(args.model, local_files_only=True)
     train_data = prepare_training_data(args.train_file)
     eval_data = prepare_training_data(args.eval_file) if args.eval_file else None
-    trainer = DualStreamGRPOTrainer(model, processor, train_data, config, eval_data=eval_data)
+    sft_data = prepare_training_data(args.sft_file) if args.sft_file else None
+    trainer = DualStreamGRPOTrainer(model, processor, train_data, config, eval_data=eval_data, sft_data=sft_data)
     results = trainer.train(resume=args.resume)
     if results:
         print(format_eval_table(results))

@@ -102,6 +102,8 @@ class DualStreamGRPOTrainer:
         train_data: :class:`~vitos_ext.trainer.data.TrainingData` (bad rows already reported and skipped).
         config: :class:`TrainerConfig`.
         eval_data: optional held-out data, evaluated at the end of every phase (and every ``eval_every`` steps).
+        sft_data: optional examples of the SFT warm-up (default: ``train_data``). GRPO then samples prompts the
+            warm-up never saw, as when cold-start SFT data and RL prompts are separate sets.
         system_prompt: optional system message for every prompt.
         forward_layout: the training forward's layout, "auto" (packed on CUDA or when the language model already
             runs varlen attention, else padded), "packed" or "padded" (vitos_ext/trainer/logprobs.py). None: ``config.forward_layout``.
@@ -115,6 +117,7 @@ class DualStreamGRPOTrainer:
 
     def __init__(self, model, processor, train_data: TrainingData, config: TrainerConfig,
                  eval_data: TrainingData | None = None, system_prompt: str | None = None, *,
+                 sft_data: TrainingData | None = None,
                  forward_layout: str | None = None, distributed: DistributedConfig | DataParallel | None = None,
                  row_seeded_sampling: bool | None = None):
         if not isinstance(config, TrainerConfig):
@@ -123,6 +126,9 @@ class DualStreamGRPOTrainer:
             raise ValueError("train_data must be a non-empty TrainingData (every row was skipped? see its report)")
         if eval_data is not None and len(eval_data) == 0:
             raise ValueError("eval_data is empty (every row was skipped? see its report)")
+        if sft_data is not None and (not isinstance(sft_data, TrainingData) or len(sft_data) == 0):
+            raise ValueError("sft_data must be None or a non-empty TrainingData (every row was skipped? see its "
+                             "report)")
         self.config = config
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
@@ -130,6 +136,8 @@ class DualStreamGRPOTrainer:
         self.model = model if is_patched(model) else patch_model(model)
         self.processor = processor
         self.train_data, self.eval_data = train_data, eval_data
+        self.sft_data = sft_data if sft_data is not None else train_data
+        self._separate_sft_data = sft_data is not None
         from .batching import PromptEncoder  # local import keeps the module graph flat
 
         self.encoder = PromptEncoder(processor, system_prompt)
@@ -164,6 +172,8 @@ class DualStreamGRPOTrainer:
         self._group_base = 0  # first global prompt slot of the current sampling round (dynamic sampling)
         self._rollout_calls = 0  # rollout generate() calls in the current step (a row-seeding stream id)
         self.order = DataOrder(len(train_data), config.seed)
+        # one data order for SFT and GRPO unless the warm-up has its own examples
+        self.sft_order = DataOrder(len(sft_data), config.seed) if sft_data is not None else self.order
         self.optimizer: torch.optim.Optimizer | None = None
         self.reference: torch.nn.Module | None = None
         self.state: dict[str, Any] = {"phase": None, "phase_step": 0, "global_step": 0, "phase_complete": False,
@@ -195,6 +205,8 @@ class DualStreamGRPOTrainer:
 
     def _write_data_report(self) -> None:
         reports = {"train": self.train_data.report.to_dict()}
+        if self._separate_sft_data:
+            reports["sft"] = self.sft_data.report.to_dict()
         if self.eval_data is not None:
             reports["eval"] = self.eval_data.report.to_dict()
         (self.output_dir / "skipped_samples.json").write_text(json.dumps(reports, indent=1) + "\n")
@@ -237,7 +249,10 @@ class DualStreamGRPOTrainer:
             self.reference = self.dist.frozen_copy(self.model)  # frozen KL reference: the policy at phase start
 
     def _state_for_checkpoint(self) -> dict[str, Any]:
-        return {**self.state, "data_order": self.order.state_dict(), "config": self.config.to_dict()}
+        orders = {"data_order": self.order.state_dict()}
+        if self._separate_sft_data:
+            orders["sft_data_order"] = self.sft_order.state_dict()
+        return {**self.state, **orders, "config": self.config.to_dict()}
 
     def save(self, name: str, keep: bool = False) -> Path:
         """Save a checkpoint ``checkpoints/<name>`` and point the tracker at it; older step checkpoints beyond
@@ -288,6 +303,11 @@ class DualStreamGRPOTrainer:
         saved = load_checkpoint_weights(path, self.model, optimizer=self.optimizer, reference=self.reference,
                                         rank=self.dist.rank, **self.dist.state_loaders())
         self.order.load_state_dict(saved.pop("data_order"))
+        sft_order = saved.pop("sft_data_order", None)
+        if self._separate_sft_data:
+            if sft_order is None:
+                raise ValueError(f"{path} was saved without separate sft_data; resume it without sft_data")
+            self.sft_order.load_state_dict(sft_order)
         saved.pop("config", None)
         self.state = saved
         self.metrics.truncate_after(self.state["global_step"])
@@ -460,11 +480,12 @@ class DualStreamGRPOTrainer:
     def sft_step(self) -> dict[str, float]:
         """One supervised step on gold outputs: -mean log p(gold completion tokens) over the batch (a fraction of
         the rows on their gold-box token-sparse view, see ``sft_sparse_fraction``)."""
-        global_indices = self.order.next_indices(self.config.sft_batch_size)
+        global_indices = self.sft_order.next_indices(self.config.sft_batch_size)
         start, stop = self.dist.shard(len(global_indices), "sft_batch_size")
         indices = global_indices[start:stop]
-        examples = [self.train_data[i] for i in indices]
-        prompt = self.encoder.batch(examples, keys=indices).to(self.device)
+        examples = [self.sft_data[i] for i in indices]
+        keys = [("sft", i) for i in indices] if self._separate_sft_data else indices  # prompt cache keys
+        prompt = self.encoder.batch(examples, keys=keys).to(self.device)
         targets = [torch.tensor(self.tokenizer(gold_completion(e.sample, self.eos_token),
                                                add_special_tokens=False).input_ids) for e in examples]
         sequences = build_sequences(prompt, targets, self.encoder.pad_token_id)
