@@ -54,8 +54,16 @@ def _text_dependent_terms(texts, examples, sizes):
     return (values > 0.5).float(), values, (values < 0.3).float()
 
 
+def _constant_for_even_rows(texts, examples, sizes):
+    """Text-dependent rewards, except that every rollout of an even-indexed row gets the same reward (its group is
+    uninformative, so dynamic sampling has to sample further rounds)."""
+    format_, iou, accuracy = _text_dependent_terms(texts, examples, sizes)
+    even = torch.tensor([e.sample.index % 2 == 0 for e in examples])
+    return torch.where(even, 1.0, format_), torch.where(even, 0.0, iou), torch.where(even, 1.0, accuracy)
+
+
 def _run(output_dir: Path, data_dir: Path, *, distributed=None, stop_at_step=None, resume=False, layout="packed",
-         terms=_text_dependent_terms):
+         terms=_text_dependent_terms, config=None):
     """Train the tiny model; returns (trainer, records of every group_advantages call on the global batch)."""
     import vitos_ext.trainer.evaluate as evaluate_module
     import vitos_ext.trainer.trainer as trainer_module
@@ -79,7 +87,7 @@ def _run(output_dir: Path, data_dir: Path, *, distributed=None, stop_at_step=Non
         model = build_tiny_model(seed=2, attn_implementation="eager")
         train = prepare_training_data(data_dir / "train.json")
         test = prepare_training_data(data_dir / "test.json")
-        trainer = DualStreamGRPOTrainer(model, processor, train, _config(output_dir), eval_data=test,
+        trainer = DualStreamGRPOTrainer(model, processor, train, _config(output_dir, **(config or {})), eval_data=test,
                                         distributed=distributed, row_seeded_sampling=True, forward_layout=layout)
         trainer.train(resume=resume, stop_at_step=stop_at_step)
     finally:
@@ -106,7 +114,9 @@ def _worker(root: Path) -> None:
     scenarios = [("ddp", None, {}), ("ddp_resume", None, {"stop_at_step": RESUME_AT}),
                  ("ddp_resume", None, {"resume": True}), ("ddp_padded", None, {"layout": "padded"}),
                  ("fsdp2", fsdp2, {}), ("fsdp2_resume", fsdp2, {"stop_at_step": RESUME_AT}),
-                 ("fsdp2_resume", fsdp2, {"resume": True})]
+                 ("fsdp2_resume", fsdp2, {"resume": True}),
+                 ("ddp_dynamic", None, {"config": {"dynamic_sampling": True, "max_sampling_rounds": 3},
+                                        "terms": _constant_for_even_rows})]
     info = {}
     for name, distributed, options in scenarios:
         trainer, records = _run(root / name, data_dir, distributed=distributed, **options)
@@ -115,7 +125,8 @@ def _worker(root: Path) -> None:
         info[name] = {"rank": rank, "world_size": trainer.dist.world_size, "strategy": trainer.dist.strategy,
                       "is_main": trainer.is_main, "metrics_sink": type(trainer.metrics).__name__,
                       "global_step": trainer.state["global_step"], "row_seeded": trainer.row_seeded_sampling,
-                      "layout": trainer.forward_layout, "expected_layout": options.get("layout", "packed")}
+                      "layout": trainer.forward_layout, "expected_layout": options.get("layout", "packed"),
+                      "data_position": trainer.order.state_dict()["position"]}
         if trainer.is_main and not options.get("stop_at_step"):
             torch.save(state, root / name / "final_state.pt")
             (root / name / "advantages.json").write_text(json.dumps(records))
@@ -303,6 +314,23 @@ def test_a_nan_reward_on_one_rank_stops_every_rank_at_the_same_step(runs):
 
 # ----------------------------------------------------------------------------------------------------------------
 # in-process units
+
+
+def test_dynamic_sampling_runs_data_parallel_with_the_same_rounds_on_every_rank(runs):
+    from vitos_ext.trainer import read_metrics
+
+    root = runs["root"]
+    infos = [json.loads((root / f"rank{r}.json").read_text())["ddp_dynamic"] for r in (0, 1)]
+    assert [info["global_step"] for info in infos] == [3, 3]  # 1 SFT + 2 alternate steps, no rank hung
+    assert infos[0]["data_position"] == infos[1]["data_position"]  # the same number of rounds drew the same prompts
+    records = [r for r in read_metrics(root / "ddp_dynamic" / "metrics.jsonl") if r.get("phase") == "alternate"
+               and "eval/label" not in r]
+    assert len(records) == 2 and all(1 <= r["sampling/rounds"] <= 3 for r in records)
+    assert max(r["sampling/rounds"] for r in records) >= 2  # half of the prompts teach nothing: more rounds ran
+    _, advantages = _load(root, "ddp_dynamic")
+    # every update trains on exactly prompts_per_step = 4 prompts: 8 grounding rows, 16 sparse rows (global)
+    assert [len(r["group_ids"]) for r in advantages] == [8, 16, 8, 16]
+    assert [len(set(r["group_ids"])) for r in advantages] == [4, 4, 4, 4]
 
 
 def test_shard_and_split_cover_the_batch_disjointly():
