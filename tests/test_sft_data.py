@@ -102,3 +102,47 @@ def test_preset_with_a_separate_sft_set_runs_from_the_cli(tmp_path, monkeypatch,
     assert strip(train) != strip(sft)[:4]
     assert "after stage 2" in (tmp_path / "summary.md").read_text()
     assert "sparse-token accuracy" in capsys.readouterr().out
+
+
+def test_jitter_boxes_moves_and_resizes_within_bounds():
+    from vitos_ext.rewards import box_iou
+    from vitos_ext.trainer.data import jitter_boxes
+
+    boxes = [[0.3, 0.3, 0.45, 0.42], [0.0, 0.9, 0.08, 1.0]]
+    assert jitter_boxes(boxes, 0.0, torch.Generator().manual_seed(0)) == boxes
+    first = jitter_boxes(boxes, 0.5, torch.Generator().manual_seed(3))
+    assert first == jitter_boxes(boxes, 0.5, torch.Generator().manual_seed(3)) and first != boxes
+    mean_iou = {}
+    for amount in (0.1, 0.5):
+        generator = torch.Generator().manual_seed(1)
+        ious = []
+        for _ in range(300):
+            for box, gold in zip(jitter_boxes(boxes, amount, generator), boxes):
+                assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+                ious.append(float(box_iou(torch.tensor([box]), torch.tensor([gold]))[0, 0]))
+        mean_iou[amount] = sum(ious) / len(ious)
+    assert 0.25 < mean_iou[0.5] < mean_iou[0.1] < 1.0
+    with pytest.raises(ValueError, match="amount"):
+        jitter_boxes(boxes, 1.5, torch.Generator())
+
+
+def test_sft_box_jitter_changes_only_the_sparse_rows_and_is_keyed_on_the_row(pools, tmp_path):
+    train, _ = pools
+    from vitos_ext.trainer.rollout import visual_token_counts
+
+    examples = [train[i] for i in range(6)]
+    masks = {}
+    for jitter in (0.0, 0.9):
+        trainer = _trainer(tmp_path / str(jitter), pools, sft_sparse_fraction=0.5, sft_box_jitter=jitter)
+        prompt = trainer.encoder.batch(examples)
+        counts = visual_token_counts(prompt.image_grid_thw, trainer.merge_size)
+        keep = trainer._sft_selection(examples, prompt).keep
+        masks[jitter] = list(torch.split(keep, counts))
+        # the same global rows give the same boxes however the batch is split (data-parallel shards)
+        tail = trainer._sft_selection(examples[3:], prompt.select([3, 4, 5]), first_row=3, total_rows=6).keep
+        assert torch.equal(tail, torch.cat(masks[jitter][3:]))
+    for row in range(3):  # full-token rows keep everything
+        assert masks[0.0][row].all() and masks[0.9][row].all()
+    assert any(not torch.equal(masks[0.0][row], masks[0.9][row]) for row in range(3, 6))
+    with pytest.raises(ValueError, match="sft_box_jitter"):
+        TrainerConfig(sft_box_jitter=-0.1)

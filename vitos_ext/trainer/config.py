@@ -98,6 +98,9 @@ class TrainerConfig:
     # fraction of every SFT batch trained on the token-sparse view: only the visual tokens inside the gold boxes
     # (the input the sparse branch will see), so the sparse branch can answer before RL starts
     sft_sparse_fraction: float = 0.0
+    # jitter of the gold boxes that select the tokens of those sparse rows (data.jitter_boxes): the sparse branch
+    # then also learns from the imperfect boxes the grounding branch will give it; 0 = exact gold boxes
+    sft_box_jitter: float = 0.0
 
     # GRPO steps
     grounding_steps: int = 10
@@ -199,6 +202,7 @@ class TrainerConfig:
                 _positive_int(name, getattr(self, name))
         _finite("sft_lr", self.sft_lr, minimum=0.0)
         _finite("sft_sparse_fraction", self.sft_sparse_fraction, minimum=0.0, maximum=1.0)
+        _finite("sft_box_jitter", self.sft_box_jitter, minimum=0.0, maximum=1.0)
         _finite("lr", self.lr, minimum=0.0)
         if self.sparse_lr is not None:
             _finite("sparse_lr", self.sparse_lr, minimum=0.0)

@@ -26,6 +26,7 @@ __all__ = [
     "prepare_training_data",
     "build_prompt_text",
     "gold_completion",
+    "jitter_boxes",
 ]
 
 _IMAGE_PLACEHOLDER = "<image>"
@@ -206,3 +207,34 @@ class DataOrder:
             raise ValueError(f"checkpoint data order is for {state['size']} samples but the dataset has {self.size}")
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._permutation = self._permute(self.epoch)
+
+
+def jitter_boxes(boxes: list[list[float]], amount: float, generator: torch.Generator) -> list[list[float]]:
+    """Randomly moved and resized copies of normalized boxes (augmentation of the token-sparse SFT view, so that the
+    sparse branch learns to answer from imperfect boxes like the ones it will get from the grounding branch).
+
+    Each box's centre moves by up to ``amount`` times its width / height, and its width / height are scaled by a
+    factor in [1 - amount, 1 + amount]; the result is clipped to [0, 1]. A box that would become empty is kept.
+
+    Args:
+        boxes: [[x1, y1, x2, y2], ...] normalized.
+        amount: jitter strength in [0, 1]; 0 returns the boxes unchanged.
+        generator: torch.Generator for the draws (4 uniforms per box).
+
+    Returns:
+        A new list of boxes.
+    """
+    if not 0.0 <= amount <= 1.0:
+        raise ValueError(f"amount must be in [0, 1], got {amount!r}")
+    if amount == 0:
+        return [list(box) for box in boxes]
+    jittered = []
+    for x1, y1, x2, y2 in boxes:
+        shift_x, shift_y, scale_x, scale_y = (2 * torch.rand(4, generator=generator, dtype=torch.float64) - 1).tolist()
+        width, height = x2 - x1, y2 - y1
+        cx, cy = (x1 + x2) / 2 + shift_x * amount * width, (y1 + y2) / 2 + shift_y * amount * height
+        half_w, half_h = width * (1 + scale_x * amount) / 2, height * (1 + scale_y * amount) / 2
+        box = [min(max(v, 0.0), 1.0) for v in (cx - half_w, cy - half_h, cx + half_w, cy + half_h)]
+        jittered.append(box if box[2] > box[0] and box[3] > box[1] else [x1, y1, x2, y2])
+    return jittered
+

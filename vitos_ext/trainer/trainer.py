@@ -48,7 +48,7 @@ from .checkpoint import (
     write_tracker,
 )
 from .config import TrainerConfig
-from .data import DataOrder, TrainingData, gold_completion
+from .data import DataOrder, TrainingData, gold_completion, jitter_boxes
 from .distributed import DataParallel, DistributedConfig, setup_distributed
 from .evaluate import EvalResult, evaluate_policy, format_eval_table
 from .grpo import clipped_surrogate_loss, group_advantages, informative_groups
@@ -472,10 +472,21 @@ class DualStreamGRPOTrainer:
         if sparse_rows == 0:
             return None
         first_sparse = total_rows - sparse_rows
-        boxes = [e.gold_boxes if first_row + row >= first_sparse else [] for row, e in enumerate(examples)]
+        boxes = [self._sft_boxes(e, first_row + row) if first_row + row >= first_sparse else []
+                 for row, e in enumerate(examples)]
         selection, _ = sparse_selection(boxes, prompt.image_grid_thw.cpu(), self.merge_size, self.config.dilate,
                                         self.config.fuse_tokens, no_box_policy="all_visual_tokens")
         return SparseSelection(selection.keep.to(self.device), selection.fuse)
+
+    def _sft_boxes(self, example, global_row: int) -> list[list[float]]:
+        """The boxes that select a sparse SFT row's tokens: the gold boxes, jittered when ``sft_box_jitter`` > 0 by a
+        generator keyed on (seed, step, global row), so the draws depend neither on the sharding nor on the global
+        RNG."""
+        amount = self.config.sft_box_jitter
+        if amount == 0:
+            return example.gold_boxes
+        key = (self.config.seed * 1_000_003 + self.state["global_step"]) * 65_537 + global_row
+        return jitter_boxes(example.gold_boxes, amount, torch.Generator().manual_seed(key))
 
     def sft_step(self) -> dict[str, float]:
         """One supervised step on gold outputs: -mean log p(gold completion tokens) over the batch (a fraction of
