@@ -13,10 +13,25 @@ Data-parallel (DDP or FSDP2) under torchrun, picked up from the environment (see
 """
 
 from .config import GroundingRewardWeights, SparseRewardWeights, TrainerConfig
-from .data import DataOrder, TrainingData, TrainingExample, build_prompt_text, gold_completion, prepare_training_data
+from .data import (
+    DataOrder,
+    TrainingData,
+    TrainingExample,
+    build_prompt_text,
+    gold_completion,
+    jitter_boxes,
+    prepare_training_data,
+)
 from .distributed import DataParallel, DistributedConfig, setup_distributed
 from .evaluate import EvalResult, evaluate_policy, format_eval_table
-from .grpo import aggregate_token_loss, clipped_surrogate_loss, group_advantages, group_statistics, k3_kl
+from .grpo import (
+    aggregate_token_loss,
+    clipped_surrogate_loss,
+    group_advantages,
+    group_statistics,
+    informative_groups,
+    k3_kl,
+)
 from .logprobs import (
     FORWARD_LAYOUTS,
     SparseSelection,
@@ -30,6 +45,7 @@ from .rollout import (
     Rollouts,
     RowSeededSampler,
     SamplingSettings,
+    concat_rollouts,
     generate_completions,
     rollout_row_seeds,
     sparse_selection,
@@ -62,6 +78,7 @@ __all__ = [
     "build_prompt_text",
     "clipped_surrogate_loss",
     "completion_logprobs",
+    "concat_rollouts",
     "evaluate_policy",
     "format_eval_table",
     "generate_completions",
@@ -69,6 +86,8 @@ __all__ = [
     "group_advantages",
     "group_statistics",
     "grounding_rewards",
+    "informative_groups",
+    "jitter_boxes",
     "k3_kl",
     "packed_forward_support",
     "plot_curves",
