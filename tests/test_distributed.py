@@ -116,7 +116,9 @@ def _worker(root: Path) -> None:
                  ("fsdp2", fsdp2, {}), ("fsdp2_resume", fsdp2, {"stop_at_step": RESUME_AT}),
                  ("fsdp2_resume", fsdp2, {"resume": True}),
                  ("ddp_dynamic", None, {"config": {"dynamic_sampling": True, "max_sampling_rounds": 3},
-                                        "terms": _constant_for_even_rows})]
+                                        "terms": _constant_for_even_rows}),
+                 ("fsdp2_dynamic", fsdp2, {"config": {"dynamic_sampling": True, "max_sampling_rounds": 3},
+                                           "terms": _constant_for_even_rows})]
     info = {}
     for name, distributed, options in scenarios:
         trainer, records = _run(root / name, data_dir, distributed=distributed, **options)
@@ -316,18 +318,19 @@ def test_a_nan_reward_on_one_rank_stops_every_rank_at_the_same_step(runs):
 # in-process units
 
 
-def test_dynamic_sampling_runs_data_parallel_with_the_same_rounds_on_every_rank(runs):
+@pytest.mark.parametrize("name", ["ddp_dynamic", "fsdp2_dynamic"])
+def test_dynamic_sampling_runs_data_parallel_with_the_same_rounds_on_every_rank(runs, name):
     from vitos_ext.trainer import read_metrics
 
     root = runs["root"]
-    infos = [json.loads((root / f"rank{r}.json").read_text())["ddp_dynamic"] for r in (0, 1)]
+    infos = [json.loads((root / f"rank{r}.json").read_text())[name] for r in (0, 1)]
     assert [info["global_step"] for info in infos] == [3, 3]  # 1 SFT + 2 alternate steps, no rank hung
     assert infos[0]["data_position"] == infos[1]["data_position"]  # the same number of rounds drew the same prompts
-    records = [r for r in read_metrics(root / "ddp_dynamic" / "metrics.jsonl") if r.get("phase") == "alternate"
+    records = [r for r in read_metrics(root / name / "metrics.jsonl") if r.get("phase") == "alternate"
                and "eval/label" not in r]
     assert len(records) == 2 and all(1 <= r["sampling/rounds"] <= 3 for r in records)
     assert max(r["sampling/rounds"] for r in records) >= 2  # half of the prompts teach nothing: more rounds ran
-    _, advantages = _load(root, "ddp_dynamic")
+    _, advantages = _load(root, name)
     # every update trains on exactly prompts_per_step = 4 prompts: 8 grounding rows, 16 sparse rows (global)
     assert [len(r["group_ids"]) for r in advantages] == [8, 16, 8, 16]
     assert [len(set(r["group_ids"])) for r in advantages] == [4, 4, 4, 4]
