@@ -132,8 +132,12 @@ def _run_step(phantom, tmp_path, monkeypatch, phase, informative_rows, **changes
         return indices, prompt
 
     trainer.next_prompts = recording_next
+    scored = []
+    original_score = trainer.score
+    trainer.score = lambda grounding, sparse: scored.append(original_score(grounding, sparse)) or scored[-1]
     trainer._start_phase(phase)
     metrics = trainer.grpo_step(phase)
+    trainer.scored = scored  # reward terms of every scoring call of the step, in order
     return trainer, metrics, updated, drawn
 
 
@@ -150,6 +154,9 @@ def test_dynamic_sampling_trains_on_prompts_whose_rewards_differ(phantom, tmp_pa
     assert metrics["sampling/rounds"] == first_hit // 2 + 1 == len(drawn)
     assert metrics["sampling/informative_in_batch"] == 1.0
     assert 0 < metrics["sampling/informative_fraction"] <= 1
+    # reward metrics cover every sampled rollout, not only the trained ones
+    sampled = torch.cat([g_terms.total for g_terms, _ in trainer.scored[:len(drawn)]])
+    assert metrics["grounding/reward/total"] == pytest.approx(float(sampled.mean()))
     rollouts, terms = updated[0]
     assert rollouts.branch == ("sparse" if phase == "sparse" else "grounding")
     per_prompt = 4 if phase == "sparse" else 2

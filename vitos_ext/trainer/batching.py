@@ -214,7 +214,8 @@ def _pad_columns(tensor: torch.Tensor, width: int, value: int, left: bool) -> to
 
 
 def concat_prompt_batches(batches: list[PromptBatch], pad_token_id: int) -> PromptBatch:
-    """The rows of several prompt batches as one batch, in order (re-padded on the left to the longest prompt)."""
+    """The rows of several prompt batches as one batch, in order: token tensors [B_i, L_i] -> [sum B_i, max L_i]
+    (re-padded on the left with ``pad_token_id`` / 0), pixel_values, image_grid_thw and patch_counts concatenated."""
     if not batches:
         raise ValueError("batches must not be empty")
     width = max(b.input_ids.shape[1] for b in batches)
@@ -231,7 +232,8 @@ def concat_prompt_batches(batches: list[PromptBatch], pad_token_id: int) -> Prom
 
 
 def concat_sequence_batches(batches: list[SequenceBatch], pad_token_id: int) -> SequenceBatch:
-    """The rows of several sequence batches as one batch: prompts re-padded on the left, completions on the right."""
+    """The rows of several sequence batches as one batch: prompts as in :func:`concat_prompt_batches`, completion
+    ids / mask [B_i, C_i] -> [sum B_i, max C_i] (re-padded on the right with ``pad_token_id`` / 0)."""
     if not batches:
         raise ValueError("batches must not be empty")
     width = max(b.completion_ids.shape[1] for b in batches)

@@ -740,18 +740,19 @@ class DualStreamGRPOTrainer:
         return informative_groups(part.grounding_terms.total, self.config.group_size)
 
     def collect_rollouts(self, phase: str) -> tuple[_RolloutRound, dict[str, float]]:
-        """The rollouts a GRPO step trains on, and sampling metrics.
+        """The rollouts a GRPO step trains on, and the metrics of every sampled rollout (reward means, kept ratio;
+        with dynamic sampling also ``sampling/*``).
 
         Without ``dynamic_sampling``: one round of ``prompts_per_step`` prompts. With it (DAPO): rounds of
         ``prompts_per_step`` new prompts until this rank has its share of prompts whose rewards differ within the
         optimized branch's group, or ``max_sampling_rounds`` rounds ran (every rank runs the same number of rounds);
         the batch is then topped up with uninformative prompts of the earliest rounds, so every step (and rank)
-        trains on exactly its share of ``prompts_per_step`` prompts. Reward metrics cover every sampled rollout.
+        trains on exactly its share of ``prompts_per_step`` prompts.
         """
         config = self.config
         rounds = [self._sample_round(phase, 0)]
         if not config.dynamic_sampling:
-            return rounds[0], {}
+            return rounds[0], self._reward_metrics(rounds)
         wanted = rounds[0].prompts
         flags = [self._informative(phase, rounds[0])]
         while len(rounds) < config.max_sampling_rounds and \
@@ -765,8 +766,20 @@ class DualStreamGRPOTrainer:
         metrics = {"sampling/rounds": float(len(rounds)),
                    **self.dist.mean({"sampling/informative_fraction": float(screened.mean()),
                                      "sampling/informative_in_batch": len(informative) / wanted},
-                                    weight=float(screened.numel()))}
+                                    weight=float(screened.numel())),
+                   **self._reward_metrics(rounds)}
         return self._merge_rounds(rounds, chosen), metrics
+
+    def _reward_metrics(self, rounds: list[_RolloutRound]) -> dict[str, float]:
+        """Means of every reward term (and of the sparse kept ratio) over all rollouts of the step's rounds."""
+        metrics = self._reward_means(RewardTerms.concat([part.grounding_terms for part in rounds]),
+                                     "grounding/reward/")
+        if rounds[0].sparse is not None:
+            metrics.update(self._reward_means(RewardTerms.concat([part.sparse_terms for part in rounds]),
+                                              "sparse/reward/"))
+            kept = torch.cat([part.sparse.kept_ratio for part in rounds])
+            metrics.update(self.dist.mean({"sparse/kept_ratio": float(kept.mean())}, weight=kept.numel()))
+        return metrics
 
     def _merge_rounds(self, rounds: list[_RolloutRound], chosen: list[tuple[int, int]]) -> _RolloutRound:
         """The chosen (round, prompt) groups of several rounds as one batch, prompt-major like a single round."""
@@ -789,9 +802,8 @@ class DualStreamGRPOTrainer:
         if sparse_parts:
             parent = torch.arange(grounding.size).repeat_interleave(sparse_group)
             sparse = concat_rollouts(sparse_parts, pad, parent=parent)
-        all_rewards = _RolloutRound.reward_union(rounds)
         return _RolloutRound(grounding, sparse, RewardTerms.concat(g_terms),
-                             RewardTerms.concat(s_terms) if s_terms else None, len(chosen), all_rewards)
+                             RewardTerms.concat(s_terms) if s_terms else None, len(chosen))
 
     def grpo_step(self, phase: str) -> dict[str, float]:
         """One GRPO step of a phase: "grounding" (stage 1), "sparse" (stage 2) or "alternate" (grounding update,
@@ -801,16 +813,10 @@ class DualStreamGRPOTrainer:
         metrics: dict[str, float] = {}
         started = time.perf_counter()
         self._rollout_calls = 0
-        batch, sampling_metrics = self.collect_rollouts(phase)
+        batch, sampled_metrics = self.collect_rollouts(phase)
         grounding, sparse, g_terms, s_terms = batch.grounding, batch.sparse, batch.grounding_terms, batch.sparse_terms
         metrics["rollout_seconds"] = time.perf_counter() - started
-        metrics.update(sampling_metrics)
-        logged_g, logged_s, logged_kept = batch.sampled_rewards or (g_terms, s_terms, sparse.kept_ratio if sparse
-                                                                    is not None else None)
-        metrics.update(self._reward_means(logged_g, "grounding/reward/"))
-        if logged_s is not None:
-            metrics.update(self._reward_means(logged_s, "sparse/reward/"))
-            metrics.update(self.dist.mean({"sparse/kept_ratio": float(logged_kept.mean())}, weight=logged_kept.numel()))
+        metrics.update(sampled_metrics)
         with nvtx_range("vitos.trainer.update"):
             if phase in ("grounding", "alternate"):
                 metrics.update(self.update_branch(grounding, g_terms))
@@ -827,26 +833,13 @@ class DualStreamGRPOTrainer:
 
 @dataclass
 class _RolloutRound:
-    """Rollouts of one sampling round (or of the chosen groups of several) with their rewards.
-
-    ``sampled_rewards``: (grounding terms, sparse terms or None, sparse kept ratios or None) of every rollout the
-    step sampled, for metrics, when the training batch is a subset of them (dynamic sampling); None otherwise."""
+    """Rollouts of one sampling round (or of the chosen groups of several) with their rewards."""
 
     grounding: Rollouts
     sparse: Rollouts | None
     grounding_terms: RewardTerms
     sparse_terms: RewardTerms | None
     prompts: int
-    sampled_rewards: tuple[RewardTerms, RewardTerms | None, torch.Tensor | None] | None = None
-
-    @staticmethod
-    def reward_union(rounds: list["_RolloutRound"]) -> tuple[RewardTerms, RewardTerms | None, torch.Tensor | None]:
-        """Reward terms and kept ratios of every rollout of several rounds."""
-        g_terms = RewardTerms.concat([part.grounding_terms for part in rounds])
-        if rounds[0].sparse is None:
-            return g_terms, None, None
-        return (g_terms, RewardTerms.concat([part.sparse_terms for part in rounds]),
-                torch.cat([part.sparse.kept_ratio for part in rounds]))
 
 
 def _progress_bar(total: int, initial: int, phase: str, enabled: bool):
