@@ -16,6 +16,13 @@ stamp() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 
 deps=$(stamp requirements-dev.txt)
 if [ "$(cat "$VENV/.vitos-deps" 2>/dev/null)" != "$deps" ]; then
+  # The CUDA build of torch alone fills ~5 GB: say so up front instead of failing halfway with ENOSPC.
+  free_kb=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+  if ! "$PY" -c "import torch" 2>/dev/null && [ "${free_kb:-0}" -lt $((7 * 1024 * 1024)) ]; then
+    echo "[vitos] error: installing the requirements needs about 7 GB free on the disk of $VENV;" \
+      "only $((free_kb / 1024)) MB are free (set VITOS_VENV to a folder on a larger disk)" >&2
+    exit 1
+  fi
   echo "[vitos] installing requirements (torch, transformers, test tools; first time takes a few minutes)"
   "$PY" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
   echo "$deps" >"$VENV/.vitos-deps"
