@@ -357,3 +357,37 @@ def test_caller_packing_is_checked_once_per_forward_also_for_int64_offsets(monke
         with pytest.raises(ValueError, match="cu_seqlens_q"):
             layer(bad)
     assert checks[2:] == [(torch.int32, True), (torch.int32, True)]
+
+
+def test_tensor_max_lengths_are_read_once_per_forward(monkeypatch):
+    """max_length_q/k given as tensors: one host read for every layer of a forward; new tensors are read again."""
+    import vitos_ext.hf_attention as hf_attention
+    from vitos_ext._tensor_memo import TensorMemo
+
+    monkeypatch.setattr(hf_attention, "_max_lengths", TensorMemo())
+    reads = []
+
+    class CountingTensor(torch.Tensor):
+        def __int__(self):
+            reads.append(1)
+            return super().__int__()
+
+    torch.manual_seed(7)
+    query, key, value = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    module = _Module(HF_ATTENTION_NAME)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    longest_q, longest_k = (torch.tensor(7).as_subclass(CountingTensor) for _ in range(2))
+
+    def layer(max_q, max_k):
+        return vitos_varlen_attention_forward(module, query, key, value, None, scaling=0.25, is_causal=True,
+                                              cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_q,
+                                              max_length_k=max_k)[0]
+
+    want = layer(7, 7)
+    for _ in range(3):
+        torch.testing.assert_close(layer(longest_q, longest_k), want, rtol=0, atol=0)
+    assert len(reads) == 2  # one read of each tensor for all three "layers"
+    layer(torch.tensor(7).as_subclass(CountingTensor), longest_k)
+    assert len(reads) == 4  # another max_length_q object: both read again
+    with pytest.raises(ValueError, match="max_seqlen_q"):  # a too-small maximum still fails, every time
+        layer(torch.tensor(3), torch.tensor(7))

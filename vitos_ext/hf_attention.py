@@ -83,6 +83,16 @@ def _cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
 _unpad_plans = TensorMemo()
 _packing_plans = TensorMemo()
 _validated_packings = TensorMemo()
+_max_lengths = TensorMemo()
+
+
+def _host_max_lengths(max_q: int | torch.Tensor, max_k: int | torch.Tensor) -> tuple[int, int]:
+    """max_length_q/k as Python ints. Collators may hand them over as (device) tensors, and int() of one is a host
+    sync: memoized per tensor object, so it happens once per forward, not once per layer."""
+    tensors = [x for x in (max_q, max_k) if isinstance(x, torch.Tensor)]
+    if not tensors:
+        return int(max_q), int(max_k)
+    return _max_lengths.get(tensors, None, lambda: (int(max_q), int(max_k)))
 
 
 def _unpad_plan(attention_mask: torch.Tensor, len_q: int, len_k: int):
@@ -196,7 +206,7 @@ def vitos_varlen_attention_forward(
     packed = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
     if all(x is not None for x in packed):  # caller-provided packing: validated once per forward
         # keyed on the caller's tensors: int64 offsets are converted (and checked) once per forward, not per layer
-        max_q, max_k = int(packed[2]), int(packed[3])
+        max_q, max_k = _host_max_lengths(packed[2], packed[3])
         checked, converted = _validated_packings.lookup((packed[0], packed[1]), (max_q, max_k))
         cu_q, cu_k = converted if checked else (_as_int32(packed[0]), _as_int32(packed[1]))
         out = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, max_q, max_k, check_values=not checked, **call)
