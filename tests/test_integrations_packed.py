@@ -367,6 +367,7 @@ def test_stages_are_nvtx_ranges_nested_in_order(qwen, monkeypatch):
     calls = []
     fake = types.SimpleNamespace(push_range=lambda name: calls.append(name), pop_range=lambda: calls.append("pop"))
     monkeypatch.setitem(sys.modules, "nvtx", fake)
+    monkeypatch.setenv("VITOS_NVTX", "1")
     profiling._backend.cache_clear()
     try:
         prune(model, batch)
