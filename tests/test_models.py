@@ -9,10 +9,12 @@ import inspect
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 import vitos_ext.patching as patching
 from model_fixtures import (
     IMAGE,
+    VISION_START,
     build_model,
     families,
     image_grids,
@@ -222,6 +224,92 @@ def test_batch_with_different_kept_counts_equals_singles(family):
         assert tokens[index].tolist() == single_tokens[0].tolist()
         torch.testing.assert_close(logits[index], single_logits[0], rtol=0, atol=1e-4)
         assert model.vitos_last_prefill.kept_counts.tolist() == [counts[index]]
+
+
+def repeat_prompts(family, model, batch: dict, copies: int) -> dict:
+    """The batch with every row repeated `copies` times (adjacent) together with its images, built by hand."""
+    images_per_row = [int(n) for n in (batch["input_ids"] == VISION_START).sum(-1)]
+    grids, _ = image_grids(family, model, batch)
+    patches = grids.prod(-1).tolist()
+    pixel_rows, first = [], 0
+    for count in images_per_row:
+        mine = range(first, first + count)
+        first += count
+        if family.is_llava:
+            chunk = batch["pixel_values"][list(mine)]
+        else:
+            start = sum(patches[:mine.start])
+            chunk = batch["pixel_values"][start:start + sum(patches[i] for i in mine)]
+        pixel_rows += [chunk] * copies
+    out = {k: batch[k].repeat_interleave(copies, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+           if k in batch}
+    out["pixel_values"] = torch.cat(pixel_rows)
+    if not family.is_llava:
+        owner = torch.repeat_interleave(torch.arange(len(images_per_row)), torch.tensor(images_per_row))
+        out["image_grid_thw"] = torch.cat([grids[owner == row].repeat(copies, 1)
+                                           for row in range(len(images_per_row))])
+    return out
+
+
+def sample(model, batch, seed=0, steps=STEPS, **kwargs):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=steps, do_sample=True, temperature=1.5, top_k=0,
+                              **kwargs)[:, -steps:]
+
+
+def test_num_return_sequences_prunes_every_copy_like_its_prompt(family):
+    """generate(num_return_sequences=3) repeats each prompt and its images before the prefill; the boxes (or keep
+    mask) follow: the same samples as a batch repeated by hand with the boxes repeated alike, and a keep mask gives
+    what the boxes give."""
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    unpruned = sample(model, batch, num_return_sequences=3)
+    if unpruned.tolist() != sample(model, repeat_prompts(family, model, batch, 3)).tolist():
+        # transformers < 5.2x repeats LLaVA's pixel_values image by image ([A, A, B, B] for a prompt with images
+        # A, B): its own unpruned output already differs from the prompts repeated by hand
+        assert family.is_llava and Version(transformers.__version__) < Version("5.24"), transformers.__version__
+        pytest.skip(f"transformers {transformers.__version__} repeats multi-image LLaVA prompts image by image")
+    got = sample(model, batch, num_return_sequences=3, vitos_boxes=BOXES)
+    counts = model.vitos_last_prefill.kept_counts.tolist()
+    repeated_boxes = [BOXES[0]] * 3 + [BOXES[1], BOXES[2]] * 3
+    want = sample(model, repeat_prompts(family, model, batch, 3), vitos_boxes=repeated_boxes)
+    assert got.tolist() == want.tolist()
+    assert counts == model.vitos_last_prefill.kept_counts.tolist()
+    assert counts[:3] == [counts[0]] * 3 and counts[3:] == [counts[3]] * 3 and counts[0] != counts[3]
+    grids, merge = image_grids(family, model, batch)
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor([len(b) for b in BOXES]))
+    keep = reference.region_to_patch_mask_reference(torch.cat(BOXES), owner, grids, merge)
+    assert sample(model, batch, num_return_sequences=3, vitos_keep=keep).tolist() == got.tolist()
+    assert unpruned.tolist() == sample(build_model(family), batch, num_return_sequences=3).tolist()
+    assert unpruned.tolist() != got.tolist()
+
+
+def test_beam_search_with_boxes_equals_singles_and_keep_all_equals_unpatched(family):
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    beams = dict(num_beams=3, num_return_sequences=2)
+    tokens, _ = greedy(model, batch, vitos_boxes=BOXES, **beams)
+    for index in range(2):
+        single, _ = greedy(model, select(batch, index, family, model), vitos_boxes=boxes_of(index), **beams)
+        assert tokens[2 * index:2 * index + 2].tolist() == single.tolist()
+    everything = [torch.tensor([[0.0, 0.0, 1.0, 1.0]])] * 3
+    kept_all, _ = greedy(model, batch, vitos_boxes=everything, **beams)
+    assert model.vitos_last_prefill.visual_kept_counts.sum() == 3 * int((batch["input_ids"] == IMAGE).sum())
+    assert kept_all.tolist() == greedy(build_model(family), batch, **beams)[0].tolist()
+
+
+def test_repeated_prompt_image_order():
+    order = patching.repeated_prompt_image_order
+    assert order([4, 3, 0], [4, 1, 2], 2) == [0, 0, 1, 2, 1, 2]
+    assert order([0, 5], [5], 3) == [0, 0, 0]
+    assert order([2, 2], [2, 2], 1) == [0, 1]
+    with pytest.raises(ValueError, match="do not end at an image boundary"):
+        order([3, 3], [2, 4], 2)
+    with pytest.raises(ValueError, match="more visual tokens than the images"):
+        order([4, 4], [4], 2)
+    with pytest.raises(ValueError, match="cover only 1"):
+        order([4], [4, 4], 2)
 
 
 def test_last_prefill_reports_kept_tokens(family):
@@ -550,12 +638,16 @@ def test_bad_inputs_get_clear_errors(family):
         text_only["mm_token_type_ids"] = torch.zeros_like(text_only["mm_token_type_ids"])
     with pytest.raises(ValueError, match="vitos_boxes was given but the batch has no images"):
         greedy(model, text_only, steps=1, vitos_boxes=BOXES)
-    with pytest.raises(ValueError, match="num_return_sequences=2"):
-        greedy(model, batch, steps=1, vitos_boxes=BOXES, num_return_sequences=2)
+    with pytest.raises(ValueError, match="vitos_fuse as an explicit fusion map needs num_beams"):
+        greedy(model, batch, steps=1, vitos_boxes=BOXES, vitos_fuse=torch.zeros(num_visual, dtype=torch.long),
+               num_beams=2)
     first = select(batch, 0, family, model)
     image_inputs = {} if family.is_llava else {"image_grid_thw": first["image_grid_thw"]}
     with torch.no_grad():
         other_images = patching.encode_images(model, first["pixel_values"], **image_inputs)
+        own_images = patching.encode_images(model, first["pixel_values"], **image_inputs)
+    with pytest.raises(ValueError, match="vitos_image_features needs num_beams = num_return_sequences = 1"):
+        greedy(model, first, steps=1, vitos_image_features=own_images, vitos_boxes=BOXES[:1], num_beams=2)
     with pytest.raises(ValueError, match="vitos_image_features were computed for other images"):
         greedy(model, batch, steps=1, vitos_image_features=other_images)
     with torch.no_grad():

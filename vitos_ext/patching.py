@@ -148,6 +148,7 @@ class _Request:
     image_features: ImageFeatures | None
     in_generate: bool
     inputs: dict[str, Any] = field(default_factory=dict)
+    prompt_inputs: dict[str, Any] = field(default_factory=dict)  # generate()'s own inputs, before it repeats rows
     encoded_rows: int | None = None
     done: bool = False
     pruned: PrunedBatch | None = None
@@ -391,7 +392,7 @@ def _make_request(state: _PatchState, vitos: dict[str, Any], inputs: dict[str, A
         if isinstance(tensor, torch.Tensor) and tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but the inputs are on {device}")
     return _Request(state=state, boxes=None if boxes is None else list(boxes), keep=keep, dilate=dilate, fuse=fuse,
-                    image_features=features, in_generate=in_generate, inputs=inputs)
+                    image_features=features, in_generate=in_generate, inputs=inputs, prompt_inputs=dict(inputs))
 
 
 def _check_argument_kinds(boxes, keep, dilate, fuse, features) -> None:
@@ -572,7 +573,7 @@ def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     _ensure_language_model_attention(state)
     if not _wants_request(vitos):
         return original(*args, **kwargs)
-    _check_generation_mode(model, kwargs)
+    _check_generation_mode(model, kwargs, vitos)
     _reject_packed_sequences(kwargs)
     inputs = {name: kwargs.get(name) for name in _CAPTURED_INPUTS}
     if inputs["input_ids"] is None:
@@ -588,13 +589,16 @@ def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return output
 
 
-def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos: dict[str, Any]) -> None:
     config = kwargs.get("generation_config") or model.generation_config
-    for name in ("num_beams", "num_return_sequences"):
-        value = kwargs.get(name, getattr(config, name, 1)) or 1
-        if value > 1:
-            raise ValueError(f"vitos pruning supports one sequence per prompt ({name}={value}); repeat the prompts "
-                             "in the batch instead (each row is pruned independently)")
+    copies = max(kwargs.get(name, getattr(config, name, 1)) or 1 for name in ("num_beams", "num_return_sequences"))
+    if copies > 1:  # generate() repeats every prompt before its prefill; the request repeats its boxes alike
+        if isinstance(vitos.get("vitos_fuse"), torch.Tensor):
+            raise ValueError("vitos_fuse as an explicit fusion map needs num_beams = num_return_sequences = 1 "
+                             "(pass vitos_fuse=True, or repeat the prompts in the batch)")
+        if vitos.get("vitos_image_features") is not None:
+            raise ValueError("vitos_image_features needs num_beams = num_return_sequences = 1 (generate() repeats "
+                             "the images of every prompt; pass pixel_values, or repeat the prompts in the batch)")
     if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
         raise ValueError("vitos pruning does not support assisted / speculative decoding")
     if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)):
@@ -602,6 +606,64 @@ def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any]) -> No
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("vitos pruning cannot continue from a non-empty cache: prune at the first prefill")
+
+
+def repeated_prompt_image_order(tokens_per_row: list[int], tokens_per_image: list[int], copies: int) -> list[int]:
+    """Image indices in the order generate() lays out the images after repeating every prompt `copies` times
+    (num_return_sequences / num_beams: the copies of a prompt are adjacent rows, each with the prompt's images).
+
+    Args:
+        tokens_per_row: visual tokens of each prompt row, in row order.
+        tokens_per_image: visual tokens of each image, in image order (a row's images are consecutive).
+        copies: how many times each prompt is repeated.
+
+    Returns:
+        For every prompt in order, its image indices, `copies` times over.
+    """
+    order, image = [], 0
+    for row, tokens in enumerate(tokens_per_row):
+        first = image
+        while tokens > 0:
+            if image >= len(tokens_per_image):
+                raise ValueError(f"row {row} has more visual tokens than the images describe")
+            tokens -= tokens_per_image[image]
+            image += 1
+        if tokens < 0:
+            raise ValueError(f"the visual tokens of row {row} do not end at an image boundary")
+        order += list(range(first, image)) * copies
+    if image != len(tokens_per_image):
+        raise ValueError(f"{len(tokens_per_image)} images but the rows' visual tokens cover only {image}")
+    return order
+
+
+def _repeat_for_generation(state: _PatchState, request: _Request) -> None:
+    """generate() repeated every prompt before the prefill (num_return_sequences / num_beams > 1): repeat the
+    request's per-image boxes, or its keep mask's per-image segments, the same way, so each copy is pruned as its
+    prompt."""
+    prompts, rows = request.prompt_inputs.get("input_ids"), request.inputs["input_ids"].shape[0]
+    if prompts is None or rows == prompts.shape[0]:
+        return
+    copies, rest = divmod(rows, prompts.shape[0])
+    if rest:
+        raise RuntimeError(f"generate() prefilled {rows} rows for {prompts.shape[0]} prompts")
+    visual = prompts == state.adapter.image_token_id(state.model)
+    tokens_per_row = visual.sum(1).tolist()  # one small read-back per generate() call
+    grid, merge = state.adapter.visual_grid(state.model, request.prompt_inputs, sum(tokens_per_row))
+    tokens_per_image = (grid.prod(-1) // (merge * merge)).tolist()
+    order = repeated_prompt_image_order(tokens_per_row, tokens_per_image, copies)
+    # transformers may hand the prefill the prompts' own image_grid_thw (newer versions encode the images once,
+    # before repeating) or the repeated one: describe the repeated images either way
+    if request.prompt_inputs.get("image_grid_thw") is not None:
+        request.inputs["image_grid_thw"] = request.prompt_inputs["image_grid_thw"][order]
+    request.encoded_rows = sum(tokens_per_image[i] for i in order)
+    if request.boxes is not None:
+        request.boxes = [request.boxes[i] for i in order]
+    if request.keep is not None:
+        starts = [0]
+        for count in tokens_per_image:
+            starts.append(starts[-1] + count)
+        index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]) if order else torch.zeros(0)
+        request.keep = request.keep[index.to(device=request.keep.device, dtype=torch.int64)]
 
 
 def _patched_update_model_kwargs(model: torch.nn.Module, outputs: Any, model_kwargs: dict[str, Any],
@@ -678,6 +740,7 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
         raise ValueError("token pruning needs a 2-D attention mask (a dynamic cache); prebuilt 4-D masks / static "
                          "caches are not supported")
+    _repeat_for_generation(state, request)
     visual_mask = input_ids == adapter.image_token_id(model)
     keep, fuse = _visual_keep_and_fuse(state, request, visual_mask)
     position_ids = kwargs.get("position_ids")
