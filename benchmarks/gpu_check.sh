@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine without network (python3 there already has torch, triton, transformers):
 # build vitos_ext with its CUDA kernels, run the CUDA tests (under compute-sanitizer memcheck when installed),
-# then print the benchmark tables. Usage: bash benchmarks/gpu_check.sh [ops|attention|e2e|all] (default all).
+# then print the benchmark tables; "profile" (part of all, last) prints where the end-to-end stages spend their time.
+# Usage: bash benchmarks/gpu_check.sh [ops|attention|e2e|profile|all] (default all).
 # Logs go to $OUT (if set) or /tmp/vitos_gpu_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,15 +25,17 @@ tests_for() {
     e2e) echo "tests/test_pipeline.py tests/test_integrations_packed.py tests/test_gpu_e2e.py" ;;
   esac
 }
-parts=$([ "$what" = all ] && echo "ops attention e2e" || echo "$what")
+parts=$([ "$what" = all ] && echo "ops attention e2e profile" || echo "$what")
 # each step has its own limit so that one slow step cannot starve the rest of a short GPU lease
 step_limit=${VITOS_STEP_TIMEOUT:-150}
 
 # per part: its CUDA tests, then its benchmark table
 for part in $parts; do
-  step "CUDA tests: $part"
-  timeout "$step_limit" python3 -m pytest -q --maxfail=10 -m cuda -p no:cacheprovider $(tests_for "$part") 2>&1 \
-    | tee "$log_dir/tests_$part.log" | tail -25 || status=1
+  if [ -n "$(tests_for "$part")" ]; then
+    step "CUDA tests: $part"
+    timeout "$step_limit" python3 -m pytest -q --maxfail=10 -m cuda -p no:cacheprovider $(tests_for "$part") 2>&1 \
+      | tee "$log_dir/tests_$part.log" | tail -25 || status=1
+  fi
   step "benchmark: benchmarks/gpu_$part.py"
   timeout "$step_limit" python3 "benchmarks/gpu_$part.py" 2>&1 | tee "$log_dir/bench_$part.log" || status=1
 done

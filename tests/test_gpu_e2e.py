@@ -88,3 +88,19 @@ def test_targets_are_judged_only_for_the_7b_shapes(gpu_e2e):
     assert re.search(r"\| vision \| 174\.0 \| 25\.0 \| 6\.96x \| <= 30 ms \(HF 174\) \| yes \|", judged)
     assert re.search(r"\| two-pass \|.*\| NO \|", judged)
     assert "| n/a |" in gpu_e2e.table(rows, with_targets=False)
+
+
+def test_tiny_profile_reports_every_stage(capsys):
+    """benchmarks/gpu_profile.py (where the end-to-end time goes) runs its stages on CPU and prints one table each."""
+    spec = importlib.util.spec_from_file_location("gpu_profile", SCRIPT.parent / "gpu_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tiny", "--calls", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    headers = re.findall(r"^### (.+?): ([\d.]+) ms wall per call, ([\d.]+) ms in operators \((\d+)%\)", out, re.M)
+    assert [h[0] for h in headers] == ["vision tower", "LM prefill, 77% kept", "two-pass prefill"]
+    for _, wall, busy, share in headers:
+        assert 0 < float(busy) <= float(wall) and 0 < int(share) <= 100
+    rows = [line for line in out.splitlines() if line.startswith("| aten::")]
+    assert len(rows) == 9  # --top 3 per stage
+    assert module.main(["--tiny", "--calls", "0"]) == 2
