@@ -300,7 +300,7 @@ def test_beam_search_with_boxes_equals_singles_and_keep_all_equals_unpatched(fam
 
 
 def test_repeated_prompt_image_order():
-    order = patching.repeated_prompt_image_order
+    order = patching._repeated_prompt_image_order
     assert order([4, 3, 0], [4, 1, 2], 2) == [0, 0, 1, 2, 1, 2]
     assert order([0, 5], [5], 3) == [0, 0, 0]
     assert order([2, 2], [2, 2], 1) == [0, 1]
@@ -638,6 +638,8 @@ def test_bad_inputs_get_clear_errors(family):
         text_only["mm_token_type_ids"] = torch.zeros_like(text_only["mm_token_type_ids"])
     with pytest.raises(ValueError, match="vitos_boxes was given but the batch has no images"):
         greedy(model, text_only, steps=1, vitos_boxes=BOXES)
+    with pytest.raises(ValueError, match=rf"vitos_keep must have shape \[{num_visual}\]"):
+        greedy(model, batch, steps=1, vitos_keep=torch.ones(num_visual - 1, dtype=torch.bool), num_beams=2)
     with pytest.raises(ValueError, match="vitos_fuse as an explicit fusion map needs num_beams"):
         greedy(model, batch, steps=1, vitos_boxes=BOXES, vitos_fuse=torch.zeros(num_visual, dtype=torch.long),
                num_beams=2)

@@ -608,7 +608,7 @@ def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos
         raise ValueError("vitos pruning cannot continue from a non-empty cache: prune at the first prefill")
 
 
-def repeated_prompt_image_order(tokens_per_row: list[int], tokens_per_image: list[int], copies: int) -> list[int]:
+def _repeated_prompt_image_order(tokens_per_row: list[int], tokens_per_image: list[int], copies: int) -> list[int]:
     """Image indices in the order generate() lays out the images after repeating every prompt `copies` times
     (num_return_sequences / num_beams: the copies of a prompt are adjacent rows, each with the prompt's images).
 
@@ -650,7 +650,7 @@ def _repeat_for_generation(state: _PatchState, request: _Request) -> None:
     tokens_per_row = visual.sum(1).tolist()  # one small read-back per generate() call
     grid, merge = state.adapter.visual_grid(state.model, request.prompt_inputs, sum(tokens_per_row))
     tokens_per_image = (grid.prod(-1) // (merge * merge)).tolist()
-    order = repeated_prompt_image_order(tokens_per_row, tokens_per_image, copies)
+    order = _repeated_prompt_image_order(tokens_per_row, tokens_per_image, copies)
     # transformers may hand the prefill the prompts' own image_grid_thw (newer versions encode the images once,
     # before repeating) or the repeated one: describe the repeated images either way
     if request.prompt_inputs.get("image_grid_thw") is not None:
@@ -659,11 +659,12 @@ def _repeat_for_generation(state: _PatchState, request: _Request) -> None:
     if request.boxes is not None:
         request.boxes = [request.boxes[i] for i in order]
     if request.keep is not None:
+        keep = validate_keep(request.keep, sum(tokens_per_image), request.keep.device)  # before indexing into it
         starts = [0]
         for count in tokens_per_image:
             starts.append(starts[-1] + count)
         index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]) if order else torch.zeros(0)
-        request.keep = request.keep[index.to(device=request.keep.device, dtype=torch.int64)]
+        request.keep = keep[index.to(device=keep.device, dtype=torch.int64)]
 
 
 def _patched_update_model_kwargs(model: torch.nn.Module, outputs: Any, model_kwargs: dict[str, Any],
