@@ -4,7 +4,8 @@ Token ids shared by all tiny models: pad 0, bos 1, eos 2, vision_start 3, vision
 ordinary text tokens from 7 up to VOCAB - 1.
 
 A prompt is a list of segments: ("text", [ids...]) or ("image", size), where size is the image's (h, w) in patches
-for the Qwen families (a (1, h, w) grid) and ignored for LLaVA (a fixed side x side token grid).
+for the Qwen families (a (1, h, w) grid) and ignored for LLaVA (a fixed side x side token grid), or, for the Qwen
+families only, ("video", (t, h, w)): t temporal patches (2 frames each) of h x w patches.
 """
 
 from __future__ import annotations
@@ -123,12 +124,21 @@ def llava_side(model) -> int:
 def make_batch(family: Family, model, prompts: list[list[tuple]], seed: int = 0) -> dict:
     """Left-padded inputs for `prompts`, with pixel_values / image_grid_thw / mm_token_type_ids built by hand."""
     generator = torch.Generator().manual_seed(seed)
-    rows, grids, pixels = [], [], []
+    rows, grids, pixels, video_grids, video_pixels = [], [], [], [], []
     for prompt in prompts:
         ids = [BOS]
         for kind, value in prompt:
             if kind == "text":
                 ids += list(value)
+                continue
+            if kind == "video":
+                t, h, w = value
+                video_grids.append([t, h, w])
+                video_pixels.append(torch.randn(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH, generator=generator))
+                frame = [VIDEO] * (h * w // MERGE ** 2)
+                # Qwen3-VL brackets every temporal patch with its own vision start / end (timestamps go between)
+                ids += sum(([VISION_START] + frame + [VISION_END] for _ in range(t)), []) \
+                    if family.name == "qwen3_vl" else [VISION_START] + frame * t + [VISION_END]
                 continue
             if family.is_llava:
                 count = llava_side(model) ** 2
@@ -150,9 +160,12 @@ def make_batch(family: Family, model, prompts: list[list[tuple]], seed: int = 0)
     if pixels:
         batch["pixel_values"] = torch.stack(pixels) if family.is_llava else torch.cat(pixels)
     if not family.is_llava:
-        batch["mm_token_type_ids"] = (input_ids == IMAGE).long()
+        batch["mm_token_type_ids"] = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
         if grids:
             batch["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        if video_grids:
+            batch["pixel_values_videos"] = torch.cat(video_pixels)
+            batch["video_grid_thw"] = torch.tensor(video_grids, dtype=torch.long)
     return batch
 
 

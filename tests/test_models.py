@@ -14,6 +14,7 @@ from packaging.version import Version
 import vitos_ext.patching as patching
 from model_fixtures import (
     IMAGE,
+    VIDEO,
     VISION_START,
     build_model,
     families,
@@ -73,9 +74,16 @@ def reference_greedy(family, model, sample, boxes, steps=STEPS, fuse=False):
     """Single sample (no padding). Returns (tokens [steps], logits [steps, V])."""
     base = model.model
     ids = sample["input_ids"]
-    visual = ids[0] == IMAGE
+    visual, video = ids[0] == IMAGE, ids[0] == VIDEO
+    videos = sample.get("pixel_values_videos")
     with torch.no_grad():
         embeds = base.get_input_embeddings()(ids)
+        video_deepstack = []
+        if videos is not None:  # videos are never pruned: their features go in at their positions, all kept
+            video_features = base.get_video_features(videos, sample["video_grid_thw"], return_dict=True)
+            embeds[0, video] = torch.cat(list(video_features.pooler_output))
+            video_deepstack = [f if isinstance(f, torch.Tensor) else torch.cat(f)
+                               for f in getattr(video_features, "deepstack_features", None) or []]
         if family.is_llava:
             features = base.get_image_features(
                 pixel_values=sample["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
@@ -103,13 +111,21 @@ def reference_greedy(family, model, sample, boxes, steps=STEPS, fuse=False):
         else:
             positions, _ = base.get_rope_index(ids, mm_token_type_ids=sample["mm_token_type_ids"],
                                                image_grid_thw=sample["image_grid_thw"],
+                                               video_grid_thw=sample.get("video_grid_thw"),
                                                attention_mask=sample["attention_mask"])
         token_keep = ~visual
         token_keep[visual] = keep
         lm_kwargs = {}
-        if deepstack is not None:
-            lm_kwargs = {"visual_pos_masks": visual[token_keep][None],
-                         "deepstack_visual_embeds": [rows[keep] for rows in visual_rows[1:]]}
+        if deepstack is not None:  # DeepStack rows follow the image and video positions in sequence order
+            union = visual | video
+            joint = []
+            for layer, image_rows in enumerate(visual_rows[1:]):
+                rows = image_rows.new_zeros(int(union.sum()), image_rows.shape[-1])
+                rows[visual[union]] = image_rows
+                if video_deepstack:
+                    rows[video[union]] = video_deepstack[layer]
+                joint.append(rows[token_keep[union]])
+            lm_kwargs = {"visual_pos_masks": union[token_keep][None], "deepstack_visual_embeds": joint}
         kept = int(token_keep.sum())
         out = base.language_model(inputs_embeds=embeds[:, token_keep], position_ids=positions[..., token_keep],
                                   attention_mask=torch.ones(1, kept, dtype=torch.long), use_cache=True, **lm_kwargs)
@@ -209,6 +225,31 @@ def test_decoding_continues_after_the_max_original_position(family):
     ref_tokens, ref_logits = reference_greedy(family, build_model(family), sample, boxes)
     assert tokens[0].tolist() == ref_tokens.tolist()
     torch.testing.assert_close(logits[0], ref_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.is_llava], ids=lambda f: f.name)
+def test_image_pruning_keeps_every_video_token(family):
+    """A prompt with an image and a video: vitos_boxes prune the image's tokens only, every video token (and, in
+    Qwen3-VL, its DeepStack row) stays. Same tokens and logits as the hand-written reference, with pixels and with
+    precomputed image features (Qwen3-VL encodes videos through get_image_features: that call must not be taken for
+    the images'); boxes that keep everything give the unpatched model's tokens."""
+    model = patching.patch_model(build_model(family))
+    sample = make_batch(family, model, [[("text", [7, 8]), ("image", (8, 8)), ("text", [9]), ("video", (2, 4, 4)),
+                                         ("text", [10, 11])]])
+    boxes = [torch.tensor([[0.0, 0.0, 0.5, 0.5]])]
+    tokens, logits = greedy(model, sample, vitos_boxes=boxes)
+    assert model.vitos_last_prefill.kept_counts.tolist() == [ref_kept(family, model, sample, boxes)]
+    ref_tokens, ref_logits = reference_greedy(family, build_model(family), sample, boxes)
+    assert tokens[0].tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logits[0], ref_logits, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        features = patching.encode_images(model, sample["pixel_values"], image_grid_thw=sample["image_grid_thw"])
+    no_pixels = {k: v for k, v in sample.items() if k != "pixel_values"}
+    cached_tokens, cached_logits = greedy(model, no_pixels, vitos_boxes=boxes, vitos_image_features=features)
+    assert cached_tokens.tolist() == tokens.tolist()
+    torch.testing.assert_close(cached_logits, logits, rtol=0, atol=1e-5)
+    everything = [torch.tensor([[0.0, 0.0, 1.0, 1.0]])]
+    assert greedy(model, sample, vitos_boxes=everything)[0].tolist() == greedy(build_model(family), sample)[0].tolist()
 
 
 def test_batch_with_different_kept_counts_equals_singles(family):

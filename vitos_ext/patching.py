@@ -440,7 +440,7 @@ def _fill_image_inputs(kwargs: dict[str, Any], request: _Request) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 _WRAPPERS_BY_CLASS: dict[tuple[type, str], Any] = {}
-_CAPTURED_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_sizes")
+_CAPTURED_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos")
 
 
 def _with_signature_of(cls: type, name: str, implementation: Any, extra_keywords: tuple[str, ...] = ()) -> Any:
@@ -695,9 +695,13 @@ def _patched_update_model_kwargs(model: torch.nn.Module, outputs: Any, model_kwa
 
 
 def _patched_get_image_features(base_model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """get_image_features that serves precomputed ImageFeatures during a request that carries them."""
+    """get_image_features that serves precomputed ImageFeatures during a request that carries them, and records
+    how many image tokens were encoded. Calls that encode the request's videos (Qwen3-VL's get_video_features goes
+    through get_image_features) are passed through untouched."""
     state = base_model.__dict__.get("_vitos_state")
     request = _request_for(state)
+    if request is not None and _encodes_videos(request, args, kwargs):
+        request = None
     if request is not None and request.image_features is not None:
         request.encoded_rows = request.image_features.num_tokens
         return request.image_features.output
@@ -707,6 +711,13 @@ def _patched_get_image_features(base_model: torch.nn.Module, args: tuple, kwargs
     if request is not None and hasattr(output, "pooler_output"):
         request.encoded_rows = state.adapter.feature_rows(output)
     return output
+
+
+def _encodes_videos(request: _Request, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a get_image_features call is encoding the request's video pixels (the very tensor it was given)."""
+    videos = request.inputs.get("pixel_values_videos")
+    pixels = args[0] if args else kwargs.get("pixel_values")
+    return videos is not None and pixels is videos
 
 
 # ----------------------------------------------------------------------------------------------------------
