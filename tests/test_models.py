@@ -681,6 +681,8 @@ def test_bad_inputs_get_clear_errors(family):
         greedy(model, text_only, steps=1, vitos_boxes=BOXES)
     with pytest.raises(ValueError, match=rf"vitos_keep must have shape \[{num_visual}\]"):
         greedy(model, batch, steps=1, vitos_keep=torch.ones(num_visual - 1, dtype=torch.bool), num_beams=2)
+    with pytest.raises(ValueError, match="vitos pruning needs use_cache=True"):
+        greedy(model, batch, steps=2, vitos_boxes=BOXES, use_cache=False)
     with pytest.raises(ValueError, match="vitos_fuse as an explicit fusion map needs num_beams"):
         greedy(model, batch, steps=1, vitos_boxes=BOXES, vitos_fuse=torch.zeros(num_visual, dtype=torch.long),
                num_beams=2)

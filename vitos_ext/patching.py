@@ -599,6 +599,9 @@ def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos
         if vitos.get("vitos_image_features") is not None:
             raise ValueError("vitos_image_features needs num_beams = num_return_sequences = 1 (generate() repeats "
                              "the images of every prompt; pass pixel_values, or repeat the prompts in the batch)")
+    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        raise ValueError("vitos pruning needs use_cache=True: the prompt is pruned once, at prefill, and decoding "
+                         "continues from the compacted KV cache")
     if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
         raise ValueError("vitos pruning does not support assisted / speculative decoding")
     if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)):
