@@ -70,8 +70,9 @@ def cache_keyword(function) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reference_greedy(family, model, sample, boxes, steps=STEPS, fuse=False):
-    """Single sample (no padding). Returns (tokens [steps], logits [steps, V])."""
+def reference_greedy(family, model, sample, boxes, steps=STEPS, fuse=False, video_boxes=None):
+    """Single sample (no padding). Returns (tokens [steps], logits [steps, V]). Video tokens are all kept, or, with
+    video_boxes (one [n, 4] tensor per video), those inside each video's boxes in every frame."""
     base = model.model
     ids = sample["input_ids"]
     visual, video = ids[0] == IMAGE, ids[0] == VIDEO
@@ -115,6 +116,10 @@ def reference_greedy(family, model, sample, boxes, steps=STEPS, fuse=False):
                                                attention_mask=sample["attention_mask"])
         token_keep = ~visual
         token_keep[visual] = keep
+        if video_boxes is not None:
+            owner = torch.repeat_interleave(torch.arange(len(video_boxes)), torch.tensor([len(b) for b in video_boxes]))
+            token_keep[video] = reference.region_to_patch_mask_reference(torch.cat(video_boxes), owner,
+                                                                         sample["video_grid_thw"], merge)
         lm_kwargs = {}
         if deepstack is not None:  # DeepStack rows follow the image and video positions in sequence order
             union = visual | video
@@ -250,6 +255,65 @@ def test_image_pruning_keeps_every_video_token(family):
     torch.testing.assert_close(cached_logits, logits, rtol=0, atol=1e-5)
     everything = [torch.tensor([[0.0, 0.0, 1.0, 1.0]])]
     assert greedy(model, sample, vitos_boxes=everything)[0].tolist() == greedy(build_model(family), sample)[0].tolist()
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.is_llava], ids=lambda f: f.name)
+def test_video_boxes_prune_video_tokens_in_every_frame(family):
+    """vitos_video_boxes keep the video tokens inside each video's boxes, the same region in every frame, alone or
+    with image boxes: same tokens and logits as the hand-written reference."""
+    model = patching.patch_model(build_model(family))
+    sample = make_batch(family, model, [[("text", [7, 8]), ("image", (8, 8)), ("text", [9]), ("video", (2, 8, 4)),
+                                         ("text", [10, 11])]])
+    video_boxes = [torch.tensor([[0.0, 0.0, 0.6, 0.5]])]
+    everything = [torch.tensor([[0.0, 0.0, 1.0, 1.0]])]
+    video_tokens = int((sample["input_ids"] == VIDEO).sum())
+    for image_boxes in (None, [torch.tensor([[0.5, 0.5, 1.0, 1.0]])]):
+        extra = {} if image_boxes is None else {"vitos_boxes": image_boxes}
+        tokens, logits = greedy(model, sample, vitos_video_boxes=video_boxes, **extra)
+        stats = model.vitos_last_prefill
+        ref_tokens, ref_logits = reference_greedy(family, build_model(family), sample, image_boxes or everything,
+                                                  video_boxes=video_boxes)
+        assert tokens[0].tolist() == ref_tokens.tolist()
+        torch.testing.assert_close(logits[0], ref_logits, rtol=0, atol=1e-5)
+        image_kept = 16 if image_boxes is None else 4  # 4 x 4 image tokens; the box keeps one 2 x 2 quarter
+        video_kept = video_kept_by(video_boxes, sample)
+        assert video_kept == 2 * 2 * 2  # in each of the 2 frames: rows 0-1 of 4 (y2 = 0.5), both columns (x2 = 0.6)
+        assert stats.visual_kept_counts.tolist() == [image_kept + video_kept]
+        assert stats.kept_counts.tolist() == [sample["input_ids"].shape[1] - (16 - image_kept)
+                                              - (video_tokens - video_kept)]
+    greedy(model, sample, steps=1, vitos_video_boxes=video_boxes, vitos_dilate=1)
+    dilated = video_kept_by(video_boxes, sample, dilate=1)
+    assert model.vitos_last_prefill.visual_kept_counts.tolist() == [16 + dilated] and dilated > video_kept
+
+
+def video_kept_by(video_boxes, sample, dilate=0) -> int:
+    owner = torch.repeat_interleave(torch.arange(len(video_boxes)), torch.tensor([len(b) for b in video_boxes]))
+    return int(reference.region_to_patch_mask_reference(torch.cat(video_boxes), owner, sample["video_grid_thw"], 2,
+                                                        dilate=dilate).sum())
+
+
+def test_video_box_errors_name_the_argument(family):
+    model = patching.patch_model(build_model(family))
+    if family.is_llava:
+        batch = make_batch(family, model, PROMPTS[:1])
+        with pytest.raises(ValueError, match="vitos_video_boxes: LlavaForConditionalGeneration takes no video"):
+            greedy(model, batch, steps=1, vitos_video_boxes=[torch.zeros(0, 4)])
+        return
+    batch = make_batch(family, model, [[("text", [7]), ("image", (4, 4)), ("video", (2, 4, 4)), ("text", [8])]])
+    no_video = make_batch(family, model, PROMPTS[:1])
+    box = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    cases = [
+        (batch, dict(vitos_video_boxes=[box, box]), ValueError, "vitos_video_boxes has 2 entries but the batch has 1 "
+                                                                 "video"),
+        (batch, dict(vitos_video_boxes=box), TypeError, "vitos_video_boxes must be a list"),
+        (batch, dict(vitos_video_boxes=[box[:, :3]]), ValueError, r"vitos_video_boxes\[0\] must have shape"),
+        (batch, dict(vitos_video_boxes=[box], vitos_fuse=True), ValueError, "vitos_fuse applies to image tokens"),
+        (batch, dict(vitos_video_boxes=[box], num_beams=2), ValueError, "vitos_video_boxes needs num_beams"),
+        (no_video, dict(vitos_video_boxes=[box]), ValueError, "the batch has no videos"),
+    ]
+    for inputs, kwargs, error, words in cases:
+        with pytest.raises(error, match=words):
+            greedy(model, inputs, steps=1, **kwargs)
 
 
 def test_batch_with_different_kept_counts_equals_singles(family):
@@ -663,7 +727,8 @@ def test_bad_inputs_get_clear_errors(family):
         (dict(vitos_keep=torch.ones(num_visual)), TypeError, "vitos_keep must be a 1-D bool"),
         (dict(vitos_keep=torch.ones(num_visual, dtype=torch.bool, device="meta")), ValueError, "vitos_keep is on"),
         (dict(vitos_boxes=BOXES, vitos_keep=torch.ones(num_visual, dtype=torch.bool)), ValueError, "not both"),
-        (dict(vitos_fuse=True), ValueError, "vitos_fuse / vitos_dilate need vitos_boxes or vitos_keep"),
+        (dict(vitos_fuse=True), ValueError, "vitos_fuse needs vitos_boxes or vitos_keep"),
+        (dict(vitos_dilate=1), ValueError, "vitos_dilate needs vitos_boxes, vitos_keep or vitos_video_boxes"),
         (dict(vitos_boxes=BOXES, vitos_dilate=-1), ValueError, "vitos_dilate must be an int >= 0"),
         (dict(vitos_boxes=BOXES, vitos_fuse=torch.zeros(3, dtype=torch.long)), ValueError,
          rf"vitos_fuse must have shape \[{num_visual}\]"),

@@ -2,6 +2,7 @@
 
     model = vitos_ext.patch_model(model)                       # Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA instances
     out = model.generate(**inputs, vitos_boxes=boxes)          # visual tokens outside the boxes are dropped
+    out = model.generate(**inputs, vitos_video_boxes=boxes)    # video tokens too (Qwen families; every frame)
     model.vitos_last_prefill.kept_ratio                        # what the last pruned prefill kept
     feats = vitos_ext.encode_images(model, inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
     model.generate(**inputs, vitos_image_features=feats)       # reuse the vision tower's output (two-pass ViToS)
@@ -70,7 +71,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("auto", "varlen", "model")
-VITOS_ARGUMENTS = ("vitos_boxes", "vitos_keep", "vitos_dilate", "vitos_fuse", "vitos_image_features")
+VITOS_ARGUMENTS = ("vitos_boxes", "vitos_keep", "vitos_dilate", "vitos_fuse", "vitos_image_features",
+                   "vitos_video_boxes")
 _MODEL_METHODS = ("forward", "generate", "_update_model_kwargs_for_generation")
 
 _ACTIVE_REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("vitos_request", default=None)
@@ -147,6 +149,7 @@ class _Request:
     fuse: bool | torch.Tensor | None
     image_features: ImageFeatures | None
     in_generate: bool
+    video_boxes: list[torch.Tensor] | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
     prompt_inputs: dict[str, Any] = field(default_factory=dict)  # generate()'s own inputs, before it repeats rows
     encoded_rows: int | None = None
@@ -156,7 +159,7 @@ class _Request:
 
     @property
     def prunes(self) -> bool:
-        return self.boxes is not None or self.keep is not None
+        return self.boxes is not None or self.keep is not None or self.video_boxes is not None
 
 
 def _state_of(model: torch.nn.Module) -> _PatchState | None:
@@ -194,6 +197,9 @@ def patch_model(model: torch.nn.Module, attention: str = "auto") -> torch.nn.Mod
         vitos_fuse: True (average each dropped token into the nearest kept token of its image frame) or an int64
             [N] map over visual tokens (-1 = drop, k = fuse into visual token k).
         vitos_image_features: ImageFeatures from encode_images(): skip the vision tower (pixel_values optional).
+        vitos_video_boxes: Qwen families, list with one float tensor [n_i, 4] per video (video_grid_thw order): video
+            tokens outside every box of their video are dropped, the same region in every frame (vitos_dilate
+            applies; fusion and vitos_keep cover image tokens only). Without it every video token is kept.
     With none of them the model behaves exactly as before. Pruning happens once, at prefill: text tokens are kept,
     kept tokens keep their original (M-)RoPE positions, the KV cache holds only kept tokens, decoding continues at
     max original position + 1 per sample, and left-padded batches with different kept counts decode as each sample
@@ -372,8 +378,8 @@ def _make_request(state: _PatchState, vitos: dict[str, Any], inputs: dict[str, A
     """Validate the vitos_* arguments against the call's inputs (host-side checks only) and build the request."""
     boxes, keep = vitos.get("vitos_boxes"), vitos.get("vitos_keep")
     dilate, fuse = vitos.get("vitos_dilate") or 0, vitos.get("vitos_fuse")
-    features = vitos.get("vitos_image_features")
-    _check_argument_kinds(boxes, keep, dilate, fuse, features)
+    features, video_boxes = vitos.get("vitos_image_features"), vitos.get("vitos_video_boxes")
+    _check_argument_kinds(boxes, keep, dilate, fuse, features, video_boxes)
     if boxes is not None or keep is not None:
         _check_prunable(inputs, features, "vitos_boxes" if boxes is not None else "vitos_keep")
     input_ids = inputs.get("input_ids")
@@ -388,18 +394,24 @@ def _make_request(state: _PatchState, vitos: dict[str, Any], inputs: dict[str, A
         if num_images is None:
             raise ValueError("vitos_boxes needs the image inputs (image_grid_thw for Qwen-VL models)")
         boxes_to_regions(boxes, num_images, device)  # types, shapes, count and device, before any compute
+    if video_boxes is not None:
+        _check_video_boxes(state, inputs, video_boxes, device)
     for name, tensor in (("vitos_keep", keep), ("vitos_fuse", fuse)):
         if isinstance(tensor, torch.Tensor) and tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but the inputs are on {device}")
     return _Request(state=state, boxes=None if boxes is None else list(boxes), keep=keep, dilate=dilate, fuse=fuse,
-                    image_features=features, in_generate=in_generate, inputs=inputs, prompt_inputs=dict(inputs))
+                    image_features=features, in_generate=in_generate, inputs=inputs, prompt_inputs=dict(inputs),
+                    video_boxes=None if video_boxes is None else list(video_boxes))
 
 
-def _check_argument_kinds(boxes, keep, dilate, fuse, features) -> None:
+def _check_argument_kinds(boxes, keep, dilate, fuse, features, video_boxes=None) -> None:
     if boxes is not None and keep is not None:
         raise ValueError("pass either vitos_boxes or vitos_keep, not both")
-    if boxes is None and keep is None and (fuse not in (None, False) or dilate):
-        raise ValueError("vitos_fuse / vitos_dilate need vitos_boxes or vitos_keep")
+    if boxes is None and keep is None and fuse not in (None, False):
+        raise ValueError("vitos_fuse needs vitos_boxes or vitos_keep" if video_boxes is None else
+                         "vitos_fuse applies to image tokens: it needs vitos_boxes or vitos_keep")
+    if boxes is None and keep is None and video_boxes is None and dilate:
+        raise ValueError("vitos_dilate needs vitos_boxes, vitos_keep or vitos_video_boxes")
     if not isinstance(dilate, int) or isinstance(dilate, bool) or dilate < 0:
         raise ValueError(f"vitos_dilate must be an int >= 0, got {dilate!r}")
     if keep is not None and (not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 1):
@@ -410,6 +422,19 @@ def _check_argument_kinds(boxes, keep, dilate, fuse, features) -> None:
     if features is not None and not isinstance(features, ImageFeatures):
         raise TypeError(f"vitos_image_features must come from vitos_ext.encode_images(), "
                         f"got {type(features).__name__}")
+
+
+def _check_video_boxes(state: _PatchState, inputs: dict[str, Any], video_boxes: Any, device: torch.device) -> None:
+    """vitos_video_boxes: a family with video input, a batch with videos, one [n_i, 4] tensor per video."""
+    if state.adapter.video_token_id(state.model) is None:
+        raise ValueError(f"vitos_video_boxes: {type(state.model).__name__} takes no video input")
+    grid, pixels = inputs.get("video_grid_thw"), inputs.get("pixel_values_videos")
+    if grid is None or pixels is None:
+        raise ValueError("vitos_video_boxes was given but the batch has no videos (pixel_values_videos and "
+                         "video_grid_thw)")
+    if inputs.get("input_ids") is None:
+        raise ValueError("token pruning needs input_ids (to locate the video tokens), not only inputs_embeds")
+    boxes_to_regions(video_boxes, int(grid.shape[0]), device, argument="vitos_video_boxes", kind="video")
 
 
 def _check_prunable(inputs: dict[str, Any], features: ImageFeatures | None, argument: str) -> None:
@@ -440,7 +465,8 @@ def _fill_image_inputs(kwargs: dict[str, Any], request: _Request) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 _WRAPPERS_BY_CLASS: dict[tuple[type, str], Any] = {}
-_CAPTURED_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos")
+_CAPTURED_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos",
+                    "video_grid_thw")
 
 
 def _with_signature_of(cls: type, name: str, implementation: Any, extra_keywords: tuple[str, ...] = ()) -> Any:
@@ -599,6 +625,9 @@ def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos
         if vitos.get("vitos_image_features") is not None:
             raise ValueError("vitos_image_features needs num_beams = num_return_sequences = 1 (generate() repeats "
                              "the images of every prompt; pass pixel_values, or repeat the prompts in the batch)")
+        if vitos.get("vitos_video_boxes") is not None:
+            raise ValueError("vitos_video_boxes needs num_beams = num_return_sequences = 1 (repeat the prompts in "
+                             "the batch instead)")
     if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
         raise ValueError("vitos pruning needs use_cache=True: the prompt is pruned once, at prefill, and decoding "
                          "continues from the compacted KV cache")
@@ -757,7 +786,12 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
                          "caches are not supported")
     _repeat_for_generation(state, request)
     visual_mask = input_ids == adapter.image_token_id(model)
-    keep, fuse = _visual_keep_and_fuse(state, request, visual_mask)
+    if request.boxes is not None or request.keep is not None:
+        keep, fuse = _visual_keep_and_fuse(state, request, visual_mask)
+    else:  # only videos are pruned: every image token stays
+        keep, fuse = torch.ones(int(visual_mask.sum()), dtype=torch.bool, device=visual_mask.device), None
+    if request.video_boxes is not None:
+        visual_mask, keep = _with_video_tokens(state, request, input_ids, visual_mask, keep)
     position_ids = kwargs.get("position_ids")
     if position_ids is None:  # what the language model would use itself
         position_ids = torch.arange(input_ids.shape[1], device=inputs_embeds.device).expand(input_ids.shape)
@@ -787,6 +821,22 @@ def _visual_keep_and_fuse(state: _PatchState, request: _Request, visual_mask: to
     else:
         keep = keep_mask_from_boxes(request.boxes, grid_thw, merge_size, request.dilate, num_tokens=num_visual)
     return keep, resolve_fusion(request.fuse, keep, grid_thw, merge_size)
+
+
+def _with_video_tokens(state: _PatchState, request: _Request, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                       image_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visual mask [B, L] over image and video tokens, keep bool over them in sequence order): the video tokens
+    inside each video's boxes (the same 2-D region in every frame), merged with the image tokens' keep."""
+    video_mask = input_ids == state.adapter.video_token_id(state.model)
+    grid = request.inputs["video_grid_thw"].to(torch.int64)
+    video_keep = keep_mask_from_boxes(request.video_boxes, grid, state.adapter.merge_size(state.model),
+                                      request.dilate, num_tokens=int(video_mask.sum()))
+    visual_mask = image_mask | video_mask
+    is_image = image_mask[visual_mask]
+    keep = torch.ones(is_image.shape[0], dtype=torch.bool, device=image_keep.device)
+    keep[is_image] = image_keep
+    keep[~is_image] = video_keep
+    return visual_mask, keep
 
 
 def _explicit_sequence_bounds(pruned: PrunedBatch) -> dict[str, Any]:

@@ -53,7 +53,8 @@ _FUSION_BLOCK_ELEMENTS = 1 << 24
 
 
 def boxes_to_regions(
-    vitos_boxes: Sequence[torch.Tensor], num_images: int, device: torch.device | str | None = None
+    vitos_boxes: Sequence[torch.Tensor], num_images: int, device: torch.device | str | None = None, *,
+    argument: str = "vitos_boxes", kind: str = "image",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flatten per-image evidence boxes into the (boxes, box_image) pair region_to_patch_mask takes.
 
@@ -62,6 +63,7 @@ def boxes_to_regions(
             in image order (image_grid_thw order). n_i may be 0 (that image keeps all its tokens).
         num_images: number of images in the batch; len(vitos_boxes) must equal it.
         device: where the boxes must live (the model's / input_ids' device); None skips the device check.
+        argument, kind: the argument name and the visual unit ("image" or "video") the error messages use.
 
     Returns:
         boxes float32 [N, 4] and box_image int64 [N] (image index of each box), on `device`. No host sync: the box
@@ -73,24 +75,24 @@ def boxes_to_regions(
     """
     if isinstance(vitos_boxes, torch.Tensor) or not isinstance(vitos_boxes, (list, tuple)):
         raise TypeError(
-            f"vitos_boxes must be a list with one float tensor [n_i, 4] per image, got {type(vitos_boxes).__name__}"
+            f"{argument} must be a list with one float tensor [n_i, 4] per {kind}, got {type(vitos_boxes).__name__}"
         )
     if len(vitos_boxes) != num_images:
         raise ValueError(
-            f"vitos_boxes has {len(vitos_boxes)} entries but the batch has {num_images} image(s): pass one tensor "
-            "[n_i, 4] per image, in image_grid_thw order (an empty [0, 4] tensor keeps all tokens of that image)"
+            f"{argument} has {len(vitos_boxes)} entries but the batch has {num_images} {kind}(s): pass one tensor "
+            f"[n_i, 4] per {kind}, in {kind}_grid_thw order (an empty [0, 4] tensor keeps all tokens of that {kind})"
         )
     device = None if device is None else torch.device(device)
     for i, boxes in enumerate(vitos_boxes):
         if not isinstance(boxes, torch.Tensor):
-            raise TypeError(f"vitos_boxes[{i}] must be a torch.Tensor [n, 4], got {type(boxes).__name__}")
+            raise TypeError(f"{argument}[{i}] must be a torch.Tensor [n, 4], got {type(boxes).__name__}")
         if boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"vitos_boxes[{i}] must have shape [n, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+            raise ValueError(f"{argument}[{i}] must have shape [n, 4] (x1, y1, x2, y2), got {tuple(boxes.shape)}")
         if not boxes.is_floating_point():
-            raise ValueError(f"vitos_boxes[{i}] must be a floating-point tensor of normalized coordinates, "
+            raise ValueError(f"{argument}[{i}] must be a floating-point tensor of normalized coordinates, "
                              f"got {boxes.dtype}")
         if device is not None and boxes.device != device:
-            raise ValueError(f"vitos_boxes[{i}] is on {boxes.device} but the inputs are on {device}: move the boxes "
+            raise ValueError(f"{argument}[{i}] is on {boxes.device} but the inputs are on {device}: move the boxes "
                              "to the model's device")
     if device is None:
         device = vitos_boxes[0].device if len(vitos_boxes) else torch.device("cpu")

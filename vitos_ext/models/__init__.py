@@ -68,6 +68,10 @@ class VLMAdapter:
         """Token id of the image placeholder tokens in input_ids."""
         return int(model.config.image_token_id)
 
+    def video_token_id(self, model: torch.nn.Module) -> int | None:
+        """Token id of the video placeholder tokens, or None for a family without video input."""
+        return None
+
     def count_images(self, model: torch.nn.Module, inputs: dict[str, Any]) -> int | None:
         """Images in a forward/generate call from its inputs (host ints only), or None if it cannot tell."""
         raise NotImplementedError

@@ -143,6 +143,9 @@ class QwenVLAdapter(VLMAdapter):
     def merge_size(self, model: torch.nn.Module) -> int:
         return int(model.config.vision_config.spatial_merge_size)
 
+    def video_token_id(self, model: torch.nn.Module) -> int | None:
+        return int(model.config.video_token_id)
+
     def count_images(self, model: torch.nn.Module, inputs: dict[str, Any]) -> int | None:
         grid = inputs.get("image_grid_thw")
         return None if grid is None else int(grid.shape[0])
