@@ -488,12 +488,28 @@ def _environment(device: torch.device, dtype: torch.dtype, shapes: Shapes) -> st
             f"transformers {transformers.__version__} | triton {triton_version}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """--tiny / --device / --dtype, shared with gpu_profile.py."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", action="store_true", help="scaled-down config (CPU-friendly self-check)")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="default: bfloat16 on CUDA, float32 on CPU")
+    return parser
+
+
+def workload_target(args: argparse.Namespace, script: str) -> tuple[Shapes, torch.device, torch.dtype] | None:
+    """(shapes, device, dtype) the arguments ask for, or None (after saying why) when CUDA is asked for but absent."""
+    shapes = TINY if args.tiny else QWEN2_5_VL_7B
+    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{script} needs a CUDA device (use --tiny to check the script on CPU)", file=sys.stderr)
+        return None
+    return shapes, device, getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = workload_parser(__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per variant (default 3, tiny 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per variant (default 10, tiny 3)")
     return parser.parse_args(argv)
@@ -502,12 +518,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Print the table; exit status 1 when a variant failed (its error is in its row)."""
     args = parse_args(argv)
-    shapes = TINY if args.tiny else QWEN2_5_VL_7B
-    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_e2e.py needs a CUDA device (use --tiny to check the script on CPU)", file=sys.stderr)
+    target = workload_target(args, "gpu_e2e.py")
+    if target is None:
         return 2
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes, device, dtype = target
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     reps = args.reps if args.reps is not None else (3 if args.tiny else 10)
     started = time.perf_counter()

@@ -106,11 +106,7 @@ def report(name: str, result: dict[str, Any], device: torch.device) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="scaled-down config (CPU-friendly self-check)")
-    parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser = gpu_e2e.workload_parser(__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3, help="profiled calls per stage (after one warm-up)")
     parser.add_argument("--top", type=int, default=12, help="rows per stage")
     return parser.parse_args(argv)
@@ -118,15 +114,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    shapes = gpu_e2e.TINY if args.tiny else gpu_e2e.QWEN2_5_VL_7B
-    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_profile.py needs a CUDA device (use --tiny to check the script on CPU)", file=sys.stderr)
-        return 2
     if args.calls < 1 or args.top < 1:
         print("--calls and --top must be >= 1", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    target = gpu_e2e.workload_target(args, "gpu_profile.py")
+    if target is None:
+        return 2
+    shapes, device, dtype = target
     from vitos_ext import encode_images, patch_model
 
     print(gpu_e2e._environment(device, dtype, shapes), flush=True)
