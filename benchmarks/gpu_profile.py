@@ -95,6 +95,7 @@ def stages(work: Any, features: Any, middle: float) -> dict[str, Callable[[], An
 
 
 def report(name: str, result: dict[str, Any], device: torch.device) -> str:
+    """One stage's profile_stage result as a Markdown heading (wall vs busy time) and table (heaviest rows)."""
     what = "kernel" if device.type == "cuda" else "operator"
     busy = result["busy_ms"] / max(result["wall_ms"], 1e-9)
     lines = [f"\n### {name}: {result['wall_ms']:.2f} ms wall per call, {result['busy_ms']:.2f} ms "

@@ -51,10 +51,12 @@ from .sparsity import (
     PrunedBatch,
     boxes_to_regions,
     compact_token_values,
+    image_segments,
     keep_mask_from_boxes,
     prune_padded_batch,
     resolve_fusion,
     validate_keep,
+    visual_token_counts,
 )
 
 __all__ = [
@@ -681,7 +683,7 @@ def _repeat_for_generation(state: _PatchState, request: _Request) -> None:
     visual = prompts == state.adapter.image_token_id(state.model)
     tokens_per_row = visual.sum(1).tolist()  # one small read-back per generate() call
     grid, merge = state.adapter.visual_grid(state.model, request.prompt_inputs, sum(tokens_per_row))
-    tokens_per_image = (grid.prod(-1) // (merge * merge)).tolist()
+    tokens_per_image = visual_token_counts(grid, merge)
     order = _repeated_prompt_image_order(tokens_per_row, tokens_per_image, copies)
     # transformers may hand the prefill the prompts' own image_grid_thw (newer versions encode the images once,
     # before repeating) or the repeated one: describe the repeated images either way
@@ -691,12 +693,8 @@ def _repeat_for_generation(state: _PatchState, request: _Request) -> None:
     if request.boxes is not None:
         request.boxes = [request.boxes[i] for i in order]
     if request.keep is not None:
-        keep = validate_keep(request.keep, sum(tokens_per_image), request.keep.device)  # before indexing into it
-        starts = [0]
-        for count in tokens_per_image:
-            starts.append(starts[-1] + count)
-        index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]) if order else torch.zeros(0)
-        request.keep = keep[index.to(device=keep.device, dtype=torch.int64)]
+        keep = validate_keep(request.keep, sum(tokens_per_image), request.keep.device)  # before slicing it
+        request.keep = image_segments(keep, tokens_per_image, order)
 
 
 def _patched_update_model_kwargs(model: torch.nn.Module, outputs: Any, model_kwargs: dict[str, Any],
@@ -786,10 +784,9 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
                          "caches are not supported")
     _repeat_for_generation(state, request)
     visual_mask = input_ids == adapter.image_token_id(model)
+    keep, fuse = None, None  # None: every image token stays (only videos are pruned)
     if request.boxes is not None or request.keep is not None:
         keep, fuse = _visual_keep_and_fuse(state, request, visual_mask)
-    else:  # only videos are pruned: every image token stays
-        keep, fuse = torch.ones(int(visual_mask.sum()), dtype=torch.bool, device=visual_mask.device), None
     if request.video_boxes is not None:
         visual_mask, keep = _with_video_tokens(state, request, input_ids, visual_mask, keep)
     position_ids = kwargs.get("position_ids")
@@ -824,19 +821,20 @@ def _visual_keep_and_fuse(state: _PatchState, request: _Request, visual_mask: to
 
 
 def _with_video_tokens(state: _PatchState, request: _Request, input_ids: torch.Tensor, image_mask: torch.Tensor,
-                       image_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(visual mask [B, L] over image and video tokens, keep bool over them in sequence order): the video tokens
-    inside each video's boxes (the same 2-D region in every frame), merged with the image tokens' keep."""
+                       image_keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B, L] of the image and video tokens, keep bool over them in sequence order): the video tokens inside
+    each video's boxes (the same 2-D region in every frame), the image tokens as ``image_keep`` says (None: all)."""
     video_mask = input_ids == state.adapter.video_token_id(state.model)
     grid = request.inputs["video_grid_thw"].to(torch.int64)
     video_keep = keep_mask_from_boxes(request.video_boxes, grid, state.adapter.merge_size(state.model),
                                       request.dilate, num_tokens=int(video_mask.sum()))
+    # both keep masks list their tokens in row-major [B, L] order: scatter them onto the sequence, read back the
+    # prunable positions
+    token_keep = torch.ones_like(input_ids, dtype=torch.bool).masked_scatter_(video_mask, video_keep)
+    if image_keep is not None:
+        token_keep.masked_scatter_(image_mask, image_keep)
     visual_mask = image_mask | video_mask
-    is_image = image_mask[visual_mask]
-    keep = torch.ones(is_image.shape[0], dtype=torch.bool, device=image_keep.device)
-    keep[is_image] = image_keep
-    keep[~is_image] = video_keep
-    return visual_mask, keep
+    return visual_mask, token_keep[visual_mask]
 
 
 def _explicit_sequence_bounds(pruned: PrunedBatch) -> dict[str, Any]:

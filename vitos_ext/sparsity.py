@@ -34,6 +34,7 @@ __all__ = [
     "boxes_to_regions",
     "compact_token_values",
     "compact_visual_features",
+    "image_segments",
     "keep_mask_from_boxes",
     "nearest_kept_fusion_map",
     "prune_packed",
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_fusion",
     "validate_fuse",
     "validate_keep",
+    "visual_token_counts",
 ]
 
 # Bound on the elements of one distance block in nearest_kept_fusion_map (int32 -> 64 MiB).
@@ -50,6 +52,30 @@ _FUSION_BLOCK_ELEMENTS = 1 << 24
 # ----------------------------------------------------------------------------------------------------------
 # boxes -> keep mask
 # ----------------------------------------------------------------------------------------------------------
+
+
+def visual_token_counts(grid_thw: torch.Tensor, merge_size: int) -> list[int]:
+    """Visual tokens per image: t * (h / m) * (w / m) for each row of grid_thw int64 [I, 3] (a host read)."""
+    return [int(t * (h // merge_size) * (w // merge_size)) for t, h, w in grid_thw.tolist()]
+
+
+def image_segments(mask: torch.Tensor, counts: list[int], images: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The per-image segments ``images`` (in that order, repeats allowed) of a mask over all visual tokens.
+
+    Args:
+        mask: [N] over the visual tokens of all images, image after image (any dtype).
+        counts: visual tokens per image (:func:`visual_token_counts`), summing to N.
+        images: image indices.
+
+    Returns:
+        [sum of counts[i] for i in images], same dtype and device as ``mask``.
+    """
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    index = images.tolist() if isinstance(images, torch.Tensor) else list(images)
+    parts = [mask[starts[i]:starts[i + 1]] for i in index]
+    return torch.cat(parts) if parts else mask[:0]
 
 
 def boxes_to_regions(

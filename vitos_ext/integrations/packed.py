@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..models import adapter_for
 from ..patching import encode_images
 from ..profiling import nvtx_range
-from ..sparsity import keep_mask_from_boxes, prune_packed, resolve_fusion, validate_keep
+from ..sparsity import keep_mask_from_boxes, prune_packed, resolve_fusion, validate_keep, visual_token_counts
 
 __all__ = ["PackedPrunedBatch", "packed_inputs_embeds", "prune_packed_batch"]
 
@@ -335,7 +335,7 @@ def _visual_grid(model, image_grid_thw, merge_size, input_ids, num_visual) -> tu
 
 
 def _check_token_count(grid: torch.Tensor | None, merge: int, num_visual: int) -> None:
-    expected = 0 if grid is None else sum(t * (h // merge) * (w // merge) for t, h, w in grid.tolist())
+    expected = 0 if grid is None else sum(visual_token_counts(grid, merge))
     if expected != num_visual:
         raise ValueError(f"image_grid_thw describes {expected} visual tokens (merge size {merge}) but input_ids "
                          f"hold {num_visual} image tokens")

@@ -26,7 +26,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..parsing import parse_output
-from ..sparsity import keep_mask_from_boxes
+from ..sparsity import image_segments, keep_mask_from_boxes, visual_token_counts
 from .batching import PromptBatch, SequenceBatch, build_sequences, concat_sequence_batches
 from .logprobs import SparseSelection
 
@@ -100,7 +100,7 @@ class Rollouts:
         selection = None
         if self.selection is not None:
             counts = visual_token_counts(self.sequences.prompt.image_grid_thw, self.merge_size)
-            selection = SparseSelection(_rows_of_mask(self.selection.keep, counts, rows), self.selection.fuse)
+            selection = SparseSelection(image_segments(self.selection.keep, counts, rows), self.selection.fuse)
         return self.sequences.select(rows), selection
 
     def take(self, rows: list[int] | torch.Tensor) -> "Rollouts":
@@ -157,20 +157,6 @@ def special_token_ids(model: torch.nn.Module) -> tuple[list[int], list[int]]:
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     suppress = sorted({int(getattr(model.config, n)) for n in names if getattr(model.config, n, None) is not None})
     return eos_ids, suppress
-
-
-def visual_token_counts(grid_thw: torch.Tensor, merge_size: int) -> list[int]:
-    """Visual tokens per image: t * (h / m) * (w / m) for each row of grid_thw int64 [I, 3]."""
-    return [int(t * (h // merge_size) * (w // merge_size)) for t, h, w in grid_thw.tolist()]
-
-
-def _rows_of_mask(mask: torch.Tensor, counts: list[int], rows: torch.Tensor) -> torch.Tensor:
-    """Concatenate the per-image segments ``rows`` of a mask over all visual tokens."""
-    starts = [0]
-    for count in counts:
-        starts.append(starts[-1] + count)
-    parts = [mask[starts[r]:starts[r + 1]] for r in rows.tolist()]
-    return torch.cat(parts) if parts else mask[:0]
 
 
 def sparse_selection(
@@ -360,7 +346,7 @@ def generate_completions(
             part = prompt.select(rows) if chunk < prompt.size else prompt
             kwargs = {}
             if selection is not None:
-                keep = _rows_of_mask(selection.keep, counts, rows) if chunk < prompt.size else selection.keep
+                keep = image_segments(selection.keep, counts, rows) if chunk < prompt.size else selection.keep
                 kwargs = SparseSelection(keep, selection.fuse).model_kwargs()
             if row_seeded:
                 sampler = RowSeededSampler(row_seeds[rows].to(torch.int64), settings.temperature, settings.top_k,

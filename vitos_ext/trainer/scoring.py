@@ -57,7 +57,7 @@ class RewardTerms:
 
     def means(self, prefix: str) -> dict[str, float]:
         """Batch means of every term, keys "<prefix>format", ... (for metrics)."""
-        names = ("format", "iou", "accuracy", "cross", "total") + (("precision",) if self.precision is not None else ())
+        names = [name for name in _TERM_NAMES if getattr(self, name) is not None]  # precision is optional
         return {f"{prefix}{name}": float(getattr(self, name).mean()) if getattr(self, name).numel() else 0.0
                 for name in names}
 
