@@ -183,7 +183,7 @@ def select(batch: dict, index: int, family: Family, model) -> dict:
     out = {"input_ids": batch["input_ids"][index, keep][None],
            "attention_mask": batch["attention_mask"][index, keep][None]}
     grids, _ = image_grids(family, model, batch)
-    images_per_row = _images_per_row(batch, family, model)
+    images_per_row = images_per_row_of(batch)
     first = sum(images_per_row[:index])
     mine = range(first, first + images_per_row[index])
     if family.is_llava:
@@ -200,6 +200,7 @@ def select(batch: dict, index: int, family: Family, model) -> dict:
     return out
 
 
-def _images_per_row(batch: dict, family: Family, model) -> list[int]:
+def images_per_row_of(batch: dict) -> list[int]:
+    """Images of each row of an image-only batch (one vision start token per image)."""
     starts = (batch["input_ids"] == VISION_START).sum(-1)
     return starts.tolist()

@@ -15,10 +15,10 @@ import vitos_ext.patching as patching
 from model_fixtures import (
     IMAGE,
     VIDEO,
-    VISION_START,
     build_model,
     families,
     image_grids,
+    images_per_row_of,
     make_batch,
     select,
 )
@@ -333,7 +333,7 @@ def test_batch_with_different_kept_counts_equals_singles(family):
 
 def repeat_prompts(family, model, batch: dict, copies: int) -> dict:
     """The batch with every row repeated `copies` times (adjacent) together with its images, built by hand."""
-    images_per_row = [int(n) for n in (batch["input_ids"] == VISION_START).sum(-1)]
+    images_per_row = images_per_row_of(batch)
     grids, _ = image_grids(family, model, batch)
     patches = grids.prod(-1).tolist()
     pixel_rows, first = [], 0
@@ -368,23 +368,28 @@ def test_num_return_sequences_prunes_every_copy_like_its_prompt(family):
     mask) follow: the same samples as a batch repeated by hand with the boxes repeated alike, and a keep mask gives
     what the boxes give."""
     model = patching.patch_model(build_model(family))
-    batch = make_batch(family, model, PROMPTS)
+    prompts, boxes_per_prompt = PROMPTS, [BOXES[:1], BOXES[1:]]
+    batch = make_batch(family, model, prompts)
     unpruned = sample(model, batch, num_return_sequences=3)
     if unpruned.tolist() != sample(model, repeat_prompts(family, model, batch, 3)).tolist():
-        # transformers < 5.2x repeats LLaVA's pixel_values image by image ([A, A, B, B] for a prompt with images
-        # A, B): its own unpruned output already differs from the prompts repeated by hand
+        # transformers < 5.24 repeats LLaVA's pixel_values image by image ([A, A, B, B] for a prompt with images
+        # A, B), so its own unpruned output already differs from the prompts repeated by hand: one image per prompt
         assert family.is_llava and Version(transformers.__version__) < Version("5.24"), transformers.__version__
-        pytest.skip(f"transformers {transformers.__version__} repeats multi-image LLaVA prompts image by image")
-    got = sample(model, batch, num_return_sequences=3, vitos_boxes=BOXES)
+        prompts, boxes_per_prompt = [PROMPTS[0], PROMPTS[1][:3]], [BOXES[:1], BOXES[1:2]]
+        batch = make_batch(family, model, prompts)
+        unpruned = sample(model, batch, num_return_sequences=3)
+        assert unpruned.tolist() == sample(model, repeat_prompts(family, model, batch, 3)).tolist()
+    boxes = [b for per_prompt in boxes_per_prompt for b in per_prompt]
+    got = sample(model, batch, num_return_sequences=3, vitos_boxes=boxes)
     counts = model.vitos_last_prefill.kept_counts.tolist()
-    repeated_boxes = [BOXES[0]] * 3 + [BOXES[1], BOXES[2]] * 3
+    repeated_boxes = [b for per_prompt in boxes_per_prompt for b in per_prompt * 3]
     want = sample(model, repeat_prompts(family, model, batch, 3), vitos_boxes=repeated_boxes)
     assert got.tolist() == want.tolist()
     assert counts == model.vitos_last_prefill.kept_counts.tolist()
     assert counts[:3] == [counts[0]] * 3 and counts[3:] == [counts[3]] * 3 and counts[0] != counts[3]
     grids, merge = image_grids(family, model, batch)
-    owner = torch.repeat_interleave(torch.arange(3), torch.tensor([len(b) for b in BOXES]))
-    keep = reference.region_to_patch_mask_reference(torch.cat(BOXES), owner, grids, merge)
+    owner = torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor([len(b) for b in boxes]))
+    keep = reference.region_to_patch_mask_reference(torch.cat(boxes), owner, grids, merge)
     assert sample(model, batch, num_return_sequences=3, vitos_keep=keep).tolist() == got.tolist()
     assert unpruned.tolist() == sample(build_model(family), batch, num_return_sequences=3).tolist()
     assert unpruned.tolist() != got.tolist()

@@ -116,6 +116,16 @@ def test_keep_mask_from_boxes_matches_reference(seed, dilate):
     assert torch.equal(got, reference.region_to_patch_mask_reference(flat, owner, grid, 2, dilate))
 
 
+def test_visual_token_counts_and_image_segments():
+    grid = torch.tensor([[1, 4, 4], [2, 4, 8], [1, 2, 2]])
+    counts = sparsity.visual_token_counts(grid, 2)
+    assert counts == [4, 16, 1]
+    mask = torch.arange(21)
+    assert sparsity.image_segments(mask, counts, [2, 0, 2]).tolist() == [20, 0, 1, 2, 3, 20]
+    assert sparsity.image_segments(mask, counts, torch.tensor([1])).tolist() == list(range(4, 20))
+    assert sparsity.image_segments(mask, counts, []).shape == (0,)
+
+
 def test_keep_mask_rejects_negative_dilate():
     with pytest.raises(ValueError, match="vitos_dilate"):
         sparsity.keep_mask_from_boxes([torch.zeros(0, 4)], torch.tensor([[1, 4, 4]]), 2, -1)
