@@ -36,6 +36,11 @@ for part in $parts; do
     timeout "$step_limit" python3 -m pytest -q --maxfail=10 -m cuda -p no:cacheprovider $(tests_for "$part") 2>&1 \
       | tee "$log_dir/tests_$part.log" | tail -25 || status=1
   fi
+  if [ "$part" = ops ]; then  # this file runs every test on the GPU when there is one, not only the cuda-marked
+    step "fused RMSNorm / SwiGLU / rotary tests on CUDA"
+    timeout "$step_limit" python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_fused_ops.py 2>&1 \
+      | tee "$log_dir/tests_fused.log" | tail -25 || status=1
+  fi
   step "benchmark: benchmarks/gpu_$part.py"
   timeout "$step_limit" python3 "benchmarks/gpu_$part.py" 2>&1 | tee "$log_dir/bench_$part.log" || status=1
 done

@@ -10,7 +10,8 @@ intermediate 3420, 112 px windows, full attention in blocks 7/15/23/31. Prompt: 
 
 Rows (HF = the unpatched model, attn_implementation="sdpa"; vitos = the same weights after
 vitos_ext.patch_model(attention="varlen"): vision attention as one varlen call per layer, language model through the
-"vitos_varlen" attention):
+"vitos_varlen" attention, RMSNorm / SwiGLU / vision rotary as one Triton kernel each on CUDA; the "fused_layers='off'"
+rows take those kernels out again):
   vision tower            get_image_features on the image (HF runs one SDPA call per window / image).
   LM prefill, k% kept     HF: the language model + last-token logits on the prompt already compacted to k% of its
                           visual tokens (what HF would spend on a prompt that short: it cannot drop tokens itself).
@@ -29,6 +30,7 @@ prints its error in its row and the run continues (exit status 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -328,13 +330,15 @@ def run(shapes: Shapes, device: torch.device, dtype: torch.dtype, timer: Timer) 
     image_inputs = {"image_grid_thw": prompt["image_grid_thw"]}
     ratios = shapes.kept_ratios
     rows = {"vision": Row(f"vision tower, 1 image {shapes.image_px}x{shapes.image_px} ({work.visual} tokens)",
-                          "vision")}
+                          "vision"),
+            "vision unfused": Row("  same, fused_layers='off' (varlen attention only, eager norms / MLPs / rotary)")}
     for ratio in ratios:
         kept = int(work.keeps[ratio].sum()) + prompt["input_ids"].shape[1] - work.visual
         rows[f"prefill {ratio}"] = Row(f"LM prefill, {100 * ratio:.0f}% visual kept ({kept} tokens)",
                                        f"prefill {ratio}")
     middle = ratios[len(ratios) // 2]
     rows["lm only"] = Row(f"LM only, {100 * middle:.0f}% kept, identical compacted inputs", "lm only")
+    rows["lm only unfused"] = Row("  same, fused_layers='off' (eager RMSNorm / SwiGLU)")
     lengths = shapes.batch_lengths
     rows["batch"] = Row(f"batch of {len(lengths)} ragged pruned prompts ({min(lengths)}..{max(lengths)} tokens)",
                         "batch")
@@ -413,6 +417,12 @@ def _measure_vitos(model, work: Workload, features, batch_features, compacted, c
     row.vitos_ms = guarded(row, "vitos", lambda: timer(encode))
     row.check = guarded(row, "check", lambda: relative_difference(
         torch.cat(list(_pooled(encode()))), reference.get("vision")))
+    row = rows["vision unfused"]
+    row.hf_ms = rows["vision"].hf_ms
+    with fused_layers_off(model):
+        row.vitos_ms = guarded(row, "vitos", lambda: timer(encode))
+        row.check = guarded(row, "check", lambda: relative_difference(
+            torch.cat(list(_pooled(encode()))), reference.get("vision")))
     for ratio, keep in work.keeps.items():
         row = rows[f"prefill {ratio}"]
         if features is not None:
@@ -424,6 +434,12 @@ def _measure_vitos(model, work: Workload, features, batch_features, compacted, c
         row.vitos_ms = guarded(row, "vitos", lambda: timer(lambda: language_model_prefill(model, compacted[middle])))
         row.check = guarded(row, "check", lambda: relative_difference(
             language_model_prefill(model, compacted[middle]), reference.get("lm only")))
+        row = rows["lm only unfused"]
+        row.hf_ms = rows["lm only"].hf_ms
+        with fused_layers_off(model):
+            row.vitos_ms = guarded(row, "vitos", lambda: timer(lambda: language_model_prefill(model, compacted[middle])))
+            row.check = guarded(row, "check", lambda: relative_difference(
+                language_model_prefill(model, compacted[middle]), reference.get("lm only")))
     row = rows["batch"]
     if batch_features is not None:
         row.vitos_ms = guarded(row, "vitos", lambda: timer(lambda: prefill(batch, batch_features, work.batch_keep)))
@@ -440,6 +456,18 @@ def _measure_vitos(model, work: Workload, features, batch_features, compacted, c
     row = rows["two-pass"]
     row.vitos_ms = guarded(row, "vitos", lambda: timer(two_pass))
     row.check = guarded(row, "check", lambda: relative_difference(two_pass(), reference.get("full")))
+
+
+@contextlib.contextmanager
+def fused_layers_off(model):
+    """Run the patched model with fused_layers="off" inside the block (back to "auto" after it)."""
+    from vitos_ext import patch_model
+
+    patch_model(model, attention="varlen", fused_layers="off")
+    try:
+        yield
+    finally:
+        patch_model(model, attention="varlen", fused_layers="auto")
 
 
 def _pooled(output):

@@ -37,10 +37,11 @@ def test_tiny_run_measures_every_variant_and_hf_agrees_with_vitos(gpu_e2e, capsy
     assert gpu_e2e.main(["--tiny", "--warmup", "0", "--reps", "1"]) == 0
     rows = _table_rows(capsys.readouterr().out)
     stages = [row[0] for row in rows]
-    assert len(rows) == 8
+    assert len(rows) == 10
     for expected in ("vision tower", "LM prefill, 100%", "LM prefill, 77%", "LM prefill, 50%", "LM only, 77%",
                      "batch of 8 ragged", "same batch, packed layout", "two-pass prefill"):
         assert any(stage.startswith(expected) for stage in stages), expected
+    assert sum("fused_layers='off'" in stage for stage in stages) == 2  # vision tower and LM without fused layers
     for stage, hf_ms, vitos_ms, speedup, target, met, check in rows:
         assert "error" not in vitos_ms, stage
         assert float(hf_ms) > 0 and float(vitos_ms) > 0, stage

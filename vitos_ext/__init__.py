@@ -17,6 +17,7 @@ from .hf_attention import HF_ATTENTION_NAME, register_hf_attention
 from .integrations.packed import PackedPrunedBatch, prune_packed_batch
 from .ops import Compacted, compact_tokens, region_to_patch_mask
 from .ops.attention import varlen_attention
+from .ops.fused import rms_norm, rotary_embedding, swiglu
 from .patching import ImageFeatures, encode_images, is_patched, patch_model, unpatch_model
 from .pipeline import DEFAULT_GROUNDING_PROMPT, PIPELINE_STAGES, PipelineFlags, ViToSPipeline, ViToSResult
 from .sparsity import (
@@ -64,11 +65,14 @@ __all__ = [
     "register_hf_attention",
     "region_to_patch_mask",
     "resolve_fusion",
+    "rms_norm",
+    "rotary_embedding",
     "revert_vitos_to_llava",
     "revert_vitos_to_qwen2_5_vl",
     "revert_vitos_to_qwen2_vl",
     "revert_vitos_to_qwen3_vl",
     "supported_model_names",
+    "swiglu",
     "unpatch_model",
     "varlen_attention",
 ]

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from .models import VLMAdapter, adapter_for
+from .models.fused_layers import FUSED_LAYER_MODES, fused_layer_replacements
 from .profiling import nvtx_annotate
 from .sparsity import (
     PrunedBatch,
@@ -61,6 +62,7 @@ from .sparsity import (
 
 __all__ = [
     "ATTENTION_MODES",
+    "FUSED_LAYER_MODES",
     "ImageFeatures",
     "apply_to_classes",
     "encode_images",
@@ -138,6 +140,9 @@ class _PatchState:
     previous_vision_forwards: list[Any] = field(default_factory=list)
     attention_backup: list[tuple[Any, Any]] = field(default_factory=list)
     attention_routed: bool = False
+    fused_layers: str = "off"
+    fused_modules: list[torch.nn.Module] = field(default_factory=list)
+    previous_fused_forwards: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -188,7 +193,7 @@ def _request_for(state: _PatchState | None) -> _Request | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def patch_model(model: torch.nn.Module, attention: str = "auto") -> torch.nn.Module:
+def patch_model(model: torch.nn.Module, attention: str = "auto", fused_layers: str = "auto") -> torch.nn.Module:
     """Make a supported HF VLM instance token-sparse (in place). Idempotent; returns the model.
 
     After patching, forward() and generate() also accept:
@@ -213,17 +218,24 @@ def patch_model(model: torch.nn.Module, attention: str = "auto") -> torch.nn.Mod
         model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA *ForConditionalGeneration instance.
         attention: "auto" (varlen attention for the vision tower and language model where a fast backend exists for
             the model's device, i.e. CUDA; elsewhere the model's own attention), "varlen" (always), "model" (never).
+        fused_layers: RMSNorm, SiLU gated MLP and vision rotary embedding of the vision tower and the language model
+            as one Triton kernel each (vitos_ext.rms_norm / swiglu / rotary_embedding) instead of 5-16 eager ops:
+            "auto" (on CUDA devices where Triton runs; elsewhere the modules' own forwards), "on" (always; CPU
+            tensors need TRITON_INTERPRET=1), "off". Same results as the modules' own forwards up to float rounding.
 
     Raises:
-        TypeError listing the supported classes for any other model; ValueError for an unknown attention mode.
+        TypeError listing the supported classes for any other model; ValueError for an unknown mode.
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    _check_fused_layers(fused_layers)
     adapter = adapter_for(model)
     state = _state_of(model)
     if state is not None:
         if state.attention != attention:
             _set_attention_mode(state, attention)
+        if state.fused_layers != fused_layers:
+            _set_fused_layers(state, fused_layers)
         return model
 
     state = _PatchState(model=model, adapter=adapter, attention=attention)
@@ -242,6 +254,7 @@ def patch_model(model: torch.nn.Module, attention: str = "auto") -> torch.nn.Mod
     language_model = adapter.language_model(model)
     language_model.register_forward_pre_hook(types.MethodType(_language_model_pre_hook, state), with_kwargs=True)
     _set_attention_mode(state, attention)
+    _set_fused_layers(state, fused_layers)
     return model
 
 
@@ -255,6 +268,7 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
         return model
     _restore_attention(state)
     _uninstall_vision_attention(state)
+    _set_fused_layers(state, "off")
     for name in _MODEL_METHODS:
         _restore_attribute(model, name, state.previous.get(name))
     base = state.adapter.base_model(model)
@@ -297,6 +311,37 @@ def _set_attention_mode(state: _PatchState, attention: str) -> None:
         module.__dict__["forward"] = types.MethodType(replacement, module)
         module.__dict__["_vitos_attention"] = attention
     _ensure_language_model_attention(state)
+
+
+def _check_fused_layers(fused_layers: str) -> None:
+    if fused_layers not in FUSED_LAYER_MODES:
+        raise ValueError(f"fused_layers must be one of {FUSED_LAYER_MODES}, got {fused_layers!r}")
+    if fused_layers == "on":
+        from .ops.fused import _kernels
+
+        if _kernels is None:
+            raise RuntimeError("fused_layers='on' needs triton, which is not installed; use 'auto' or 'off'")
+
+
+def _set_fused_layers(state: _PatchState, fused_layers: str) -> None:
+    """Install (or, with "off", remove) the fused RMSNorm / gated-MLP forwards and the vision rotary mode."""
+    for module, previous in zip(state.fused_modules, state.previous_fused_forwards):
+        _restore_attribute(module, "forward", previous)
+        module.__dict__.pop("_vitos_fused", None)
+    state.fused_modules.clear()
+    state.previous_fused_forwards.clear()
+    for module in state.adapter.vision_attention_modules(state.model):
+        module.__dict__.pop("_vitos_fused", None)
+    state.fused_layers = fused_layers
+    if fused_layers == "off":
+        return
+    for module, replacement in fused_layer_replacements(state.model):
+        state.fused_modules.append(module)
+        state.previous_fused_forwards.append(module.__dict__.get("forward"))
+        module.__dict__["forward"] = types.MethodType(replacement, module)
+        module.__dict__["_vitos_fused"] = fused_layers
+    for module in state.adapter.vision_attention_modules(state.model):  # their varlen forward applies the rotary
+        module.__dict__["_vitos_fused"] = fused_layers
 
 
 def _uninstall_vision_attention(state: _PatchState) -> None:
@@ -857,17 +902,18 @@ def _packs_by_position(config: Any) -> bool:
 _CLASS_PATCHES: dict[type, dict[str, Any]] = {}
 
 
-def apply_to_classes(adapter: VLMAdapter, attention: str = "auto") -> None:
+def apply_to_classes(adapter: VLMAdapter, attention: str = "auto", fused_layers: str = "auto") -> None:
     """Patch a family's model classes so that every instance constructed afterwards (from_pretrained,
-    _from_config, ...) is patch_model'ed right after its __init__. Idempotent (a new `attention` replaces the old)."""
+    _from_config, ...) is patch_model'ed right after its __init__. Idempotent (new modes replace the old)."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    _check_fused_layers(fused_layers)
     for cls in adapter.model_classes():
         if cls in _CLASS_PATCHES:
-            _CLASS_PATCHES[cls]["attention"] = attention
+            _CLASS_PATCHES[cls].update(attention=attention, fused_layers=fused_layers)
             continue
         original_init = cls.__dict__.get("__init__", cls.__init__)
-        _CLASS_PATCHES[cls] = {"init": original_init, "attention": attention,
+        _CLASS_PATCHES[cls] = {"init": original_init, "attention": attention, "fused_layers": fused_layers,
                                "had_own_init": "__init__" in cls.__dict__}
 
         @functools.wraps(original_init)
@@ -875,7 +921,7 @@ def apply_to_classes(adapter: VLMAdapter, attention: str = "auto") -> None:
             _vitos_init(self, *args, **kwargs)
             patch = _CLASS_PATCHES.get(_vitos_cls)
             if patch is not None and not is_patched(self):
-                patch_model(self, patch["attention"])
+                patch_model(self, patch["attention"], patch["fused_layers"])
 
         cls.__init__ = __init__
 

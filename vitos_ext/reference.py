@@ -206,3 +206,31 @@ def varlen_attention_reference(
         out = (q * 0).to(q.dtype)
         lse = q.new_zeros((q.shape[1], 0), dtype=torch.float32)
     return (out, lse) if return_lse else out
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm as Hugging Face's Llama / Qwen2 / Qwen2.5-VL modules compute it: float32 statistics, the normalized
+    row rounded to x's dtype, then scaled by weight. x [..., N], weight [N] -> [..., N] (dtype of weight * x)."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, as the gated MLPs of Llama / Qwen2 / Qwen2.5-VL compute it (silu rounded to gate's dtype)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary_embedding_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding over the two halves of the head dim in float32, as Qwen-VL vision towers apply it.
+
+    q [S, Hq, D], k [S, Hk, D], cos/sin [S, D] -> (q * cos + rotate_half(q) * sin, same for k), each in its input
+    dtype, where rotate_half(x) = [-x[..., D/2:], x[..., :D/2]]."""
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+        return (x32 * cos.unsqueeze(-2).float() + rotated * sin.unsqueeze(-2).float()).to(x.dtype)
+
+    return rotate(q), rotate(k)

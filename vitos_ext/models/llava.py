@@ -82,12 +82,12 @@ class LlavaAdapter(VLMAdapter):
 ADAPTER = LlavaAdapter()
 
 
-def apply_vitos_to_llava(attention: str = "auto") -> None:
+def apply_vitos_to_llava(attention: str = "auto", fused_layers: str = "auto") -> None:
     """Patch LlavaForConditionalGeneration before loading: every instance created afterwards is patched
     (vitos_ext.patch_model) as soon as it is constructed. Undo with revert_vitos_to_llava()."""
     from ..patching import apply_to_classes
 
-    apply_to_classes(ADAPTER, attention)
+    apply_to_classes(ADAPTER, attention, fused_layers)
 
 
 def revert_vitos_to_llava() -> None:

@@ -24,12 +24,12 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
 ADAPTER = Qwen2_5_VLAdapter()
 
 
-def apply_vitos_to_qwen2_5_vl(attention: str = "auto") -> None:
+def apply_vitos_to_qwen2_5_vl(attention: str = "auto", fused_layers: str = "auto") -> None:
     """Patch Qwen2_5_VLForConditionalGeneration before loading: every instance created afterwards is patched
     (vitos_ext.patch_model) as soon as it is constructed. Undo with revert_vitos_to_qwen2_5_vl()."""
     from ..patching import apply_to_classes
 
-    apply_to_classes(ADAPTER, attention)
+    apply_to_classes(ADAPTER, attention, fused_layers)
 
 
 def revert_vitos_to_qwen2_5_vl() -> None:

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from .._tensor_memo import TensorMemo
 from ..profiling import nvtx_annotate
+from ..ops.fused import rotary_embedding
 from . import VLMAdapter
+from .fused_layers import fused_active
 
 __all__ = ["ADAPTER", "QwenVLAdapter", "apply_vitos_to_qwen2_vl", "qwen_vision_varlen_forward",
            "revert_vitos_to_qwen2_vl"]
@@ -79,9 +81,11 @@ def qwen_vision_varlen_forward(
         self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     )
     cos, sin = position_embeddings
-    # the family module's own rotary helper keeps numerics identical to the model's
-    apply_rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
-    query, key = apply_rotary(query, key, cos, sin)
+    if fused_active(self, hidden_states):  # one kernel per tensor, same float32 math as the helper below
+        query, key = rotary_embedding(query, key, cos, sin, backend="triton")
+    else:  # the family module's own rotary helper keeps numerics identical to the model's
+        apply_rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+        query, key = apply_rotary(query, key, cos, sin)
     cu_seqlens = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
     longest = int(max_seqlen) if max_seqlen is not None else _max_seqlen(cu_seqlens)
     out = varlen_attention(query, key, value, cu_seqlens, cu_seqlens, longest, longest, causal=False,
@@ -177,12 +181,12 @@ class QwenVLAdapter(VLMAdapter):
 ADAPTER = QwenVLAdapter()
 
 
-def apply_vitos_to_qwen2_vl(attention: str = "auto") -> None:
+def apply_vitos_to_qwen2_vl(attention: str = "auto", fused_layers: str = "auto") -> None:
     """Patch Qwen2VLForConditionalGeneration before loading: every instance created afterwards is patched
     (vitos_ext.patch_model) as soon as it is constructed. Undo with revert_vitos_to_qwen2_vl()."""
     from ..patching import apply_to_classes
 
-    apply_to_classes(ADAPTER, attention)
+    apply_to_classes(ADAPTER, attention, fused_layers)
 
 
 def revert_vitos_to_qwen2_vl() -> None:

@@ -38,7 +38,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 ADAPTER = Qwen3VLAdapter()
 
 
-def apply_vitos_to_qwen3_vl(attention: str = "auto") -> None:
+def apply_vitos_to_qwen3_vl(attention: str = "auto", fused_layers: str = "auto") -> None:
     """Patch Qwen3VLForConditionalGeneration before loading: every instance created afterwards is patched
     (vitos_ext.patch_model) as soon as it is constructed. Undo with revert_vitos_to_qwen3_vl().
 
@@ -49,7 +49,7 @@ def apply_vitos_to_qwen3_vl(attention: str = "auto") -> None:
 
     if not ADAPTER.model_classes():
         raise ImportError("the installed transformers has no Qwen3-VL (transformers.models.qwen3_vl)")
-    apply_to_classes(ADAPTER, attention)
+    apply_to_classes(ADAPTER, attention, fused_layers)
 
 
 def revert_vitos_to_qwen3_vl() -> None:
