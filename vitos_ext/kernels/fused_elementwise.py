@@ -64,7 +64,7 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, num_rows, n_cols, stri
         row = first + i
         if row < num_rows:
             x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)  # rsqrtf, as torch.rsqrt on CUDA
             # the eager code rounds the normalized row to the input dtype before scaling by the weight
             normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
             tl.store(out_ptr + row.to(tl.int64) * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty),
