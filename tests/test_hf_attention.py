@@ -391,3 +391,27 @@ def test_tensor_max_lengths_are_read_once_per_forward(monkeypatch):
     assert len(reads) == 4  # another max_length_q object: both read again
     with pytest.raises(ValueError, match="max_seqlen_q"):  # a too-small maximum still fails, every time
         layer(torch.tensor(3), torch.tensor(7))
+
+
+def test_decode_offsets_are_built_once_per_step_not_per_layer(lm):
+    """Unpadded decode: every layer of a step needs the same equal-length cu_seqlens; built once, then reused."""
+    import vitos_ext.hf_attention as hf_attention
+
+    make = hf_attention._equal_length_cu_seqlens
+    make.cache_clear()
+    lm.set_attn_implementation(HF_ATTENTION_NAME)
+    steps = 4
+    with torch.no_grad():
+        got = lm.generate(input_ids=torch.tensor([[BOS, 5, 9, 14]]), max_new_tokens=steps, min_new_tokens=steps,
+                          do_sample=False)
+    lm.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = lm.generate(input_ids=torch.tensor([[BOS, 5, 9, 14]]), max_new_tokens=steps, min_new_tokens=steps,
+                           do_sample=False)
+    assert torch.equal(got, want)
+    info = make.cache_info()
+    layers = lm.config.num_hidden_layers
+    assert info.misses == steps  # prefill + steps - 1 decode forwards, each a new (lq, lk)
+    assert info.hits == steps * (layers - 1)
+    cu_q, cu_k = make(2, 1, 7, torch.device("cpu"))
+    assert cu_q.dtype == torch.int32 and cu_q.tolist() == [0, 1, 2] and cu_k.tolist() == [0, 7, 14]

@@ -20,6 +20,7 @@ patch belongs in vitos_ext/models/.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -135,6 +136,19 @@ def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, length: in
     return torch.cat([start_rows, start_rows.new_tensor([batch * length])])
 
 
+@functools.lru_cache(maxsize=256)
+def _equal_length_cu_seqlens(batch: int, len_q: int, len_k: int, device: torch.device):
+    """int32 offsets of B equal-length rows, built once per shape instead of three kernel launches per layer (every
+    decode step of every layer asks for the same few). Read-only: never modified in place."""
+    row_starts = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    return row_starts * len_q, row_starts * len_k
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Inside CUDA-graph capture nothing is cached across calls (it would live in the graph's private pool)."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _as_int32(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
 
@@ -187,8 +201,9 @@ def vitos_varlen_attention_forward(
     batch, _, len_q, _ = query.shape
     len_k = key.shape[2]
     q = query.transpose(1, 2)  # [B, L, H, D], FlashAttention's layout
-    k = key.transpose(1, 2).to(query.dtype)
-    v = value.transpose(1, 2).to(query.dtype)
+    # a no-op .to() is still a dispatcher round trip, twice per layer
+    k = key.transpose(1, 2) if key.dtype == query.dtype else key.transpose(1, 2).to(query.dtype)
+    v = value.transpose(1, 2) if value.dtype == query.dtype else value.transpose(1, 2).to(query.dtype)
     call = dict(causal=causal, softmax_scale=scaling, backend=_settings["backend"])
 
     if attention_mask is not None:  # padded batch: unpad -> varlen -> pad back
@@ -217,7 +232,7 @@ def vitos_varlen_attention_forward(
     if cu is not None:  # sequences packed along rows, found from restarting positions
         out = varlen_attention(q_rows, k_rows, v_rows, cu, cu, len_q, len_k, check_values=False, **call)
     else:  # B equal-length rows; lq < lk is decode / chunked prefill against a cache
-        row_starts = torch.arange(batch + 1, dtype=torch.int32, device=query.device)
-        cu_q, cu_k = row_starts * len_q, row_starts * len_k
+        make = _equal_length_cu_seqlens.__wrapped__ if _capturing(query) else _equal_length_cu_seqlens
+        cu_q, cu_k = make(batch, len_q, len_k, query.device)
         out = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, len_q, len_k, check_values=False, **call)
     return out.view(batch, len_q, *out.shape[1:]), None
