@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vitos_ext.ops._registration import define_triton_op
 from vitos_ext.profiling import nvtx_annotate
 from vitos_ext.reference import varlen_attention_reference
 
@@ -163,18 +164,6 @@ def _check_triton_inputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) -> None
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _define_triton_op(name: str, fake_fn):
-    """triton_op (torch.compile traces into the kernels) on real GPUs; under TRITON_INTERPRET an opaque
-    custom_op with an explicit fake, because interpreted kernels cannot be traced."""
-    def register(fn):
-        if _kernels.INTERPRET:
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fake_fn)
-            return op
-        return torch.library.triton_op(name, mutates_args=())(fn)
-    return register
-
-
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
@@ -186,7 +175,7 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
 if _kernels is not None:
 
-    @_define_triton_op("vitos::varlen_attention_fwd", _fwd_fake)
+    @define_triton_op("vitos::varlen_attention_fwd", _fwd_fake, _kernels.INTERPRET)
     def _varlen_attention_fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
         max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
@@ -196,7 +185,7 @@ if _kernels is not None:
             _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_seqlens_q.contiguous(),
             cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, causal, softmax_scale)
 
-    @_define_triton_op("vitos::varlen_attention_bwd", _bwd_fake)
+    @define_triton_op("vitos::varlen_attention_bwd", _bwd_fake, _kernels.INTERPRET)
     def _varlen_attention_bwd(
         dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
         lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,

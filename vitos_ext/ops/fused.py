@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from vitos_ext.ops._registration import define_triton_op
 from vitos_ext.reference import rms_norm_reference, rotary_embedding_reference, swiglu_reference
 
 try:
@@ -75,18 +76,6 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _define_op(name: str, fake_fn):
-    """triton_op on real GPUs (torch.compile traces into the kernels); an opaque custom_op with an explicit fake
-    under TRITON_INTERPRET, because interpreted kernels cannot be traced."""
-    def register(fn):
-        if _kernels.INTERPRET:
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fake_fn)
-            return op
-        return torch.library.triton_op(name, mutates_args=())(fn)
-    return register
-
-
 def _rms_fwd_fake(x, weight, eps):
     return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
             x.new_empty((x.shape[0],), dtype=torch.float32))
@@ -110,13 +99,13 @@ def _rotary_fake(x, cos, sin, backward):
 
 if _kernels is not None:
 
-    @_define_op("vitos::rms_norm_fwd", _rms_fwd_fake)
+    @define_triton_op("vitos::rms_norm_fwd", _rms_fwd_fake, _kernels.INTERPRET)
     def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x [R, N], weight [N] -> (out [R, N] in promote(x, weight) dtype, rstd float32 [R])."""
         return _kernels.rms_norm_forward(_last_dim_contiguous(x), weight.contiguous(), eps,
                                          torch.promote_types(x.dtype, weight.dtype))
 
-    @_define_op("vitos::rms_norm_bwd", _rms_bwd_fake)
+    @define_triton_op("vitos::rms_norm_bwd", _rms_bwd_fake, _kernels.INTERPRET)
     def _rms_norm_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dx [R, N] x.dtype, dweight [N] weight.dtype)."""
@@ -135,12 +124,12 @@ if _kernels is not None:
 
     _rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 
-    @_define_op("vitos::swiglu_fwd", _swiglu_fwd_fake)
+    @define_triton_op("vitos::swiglu_fwd", _swiglu_fwd_fake, _kernels.INTERPRET)
     def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for gate, up of one shape and dtype."""
         return _kernels.swiglu_forward(gate.contiguous(), up.contiguous(), gate.dtype)
 
-    @_define_op("vitos::swiglu_bwd", _swiglu_bwd_fake)
+    @define_triton_op("vitos::swiglu_bwd", _swiglu_bwd_fake, _kernels.INTERPRET)
     def _swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dgate, dup)."""
         return _kernels.swiglu_backward(dout.contiguous(), gate.contiguous(), up.contiguous())
@@ -154,7 +143,7 @@ if _kernels is not None:
 
     _swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 
-    @_define_op("vitos::rotary_embedding", _rotary_fake)
+    @define_triton_op("vitos::rotary_embedding", _rotary_fake, _kernels.INTERPRET)
     def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
         """x [S, H, D], cos/sin [S, D] -> rotated contiguous [S, H, D] (the transposed map if backward)."""
         return _kernels.rotary_forward(_last_dim_contiguous(x), _last_dim_contiguous(cos), _last_dim_contiguous(sin),
