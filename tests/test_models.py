@@ -806,3 +806,14 @@ def test_packed_sequences_are_refused(family):
     steady = torch.arange(first["input_ids"].shape[1])[None]
     with torch.no_grad():
         model(**first, position_ids=steady if family.is_llava else steady.expand(3, 1, -1), vitos_boxes=BOXES[:1])
+
+
+def test_qwen_same_images_reads_back_only_for_a_different_grid_tensor(monkeypatch):
+    from vitos_ext.models.qwen2_vl import ADAPTER
+
+    grid = torch.tensor([[1, 8, 8], [1, 4, 8]])
+    assert ADAPTER.same_images({"image_grid_thw": grid.clone()}, {"image_grid_thw": grid})
+    assert not ADAPTER.same_images({"image_grid_thw": grid[:1]}, {"image_grid_thw": grid})
+    assert not ADAPTER.same_images({"image_grid_thw": grid.flip(0)}, {"image_grid_thw": grid})
+    monkeypatch.setattr(torch, "equal", lambda *a: pytest.fail("the same tensor needs no comparison"))
+    assert ADAPTER.same_images({"image_grid_thw": grid}, {"image_grid_thw": grid})

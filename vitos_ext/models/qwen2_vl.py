@@ -168,7 +168,7 @@ class QwenVLAdapter(VLMAdapter):
 
     def same_images(self, cached_inputs: dict[str, Any], inputs: dict[str, Any]) -> bool:
         cached, grid = cached_inputs.get("image_grid_thw"), inputs.get("image_grid_thw")
-        if grid is None:
+        if grid is None or cached is grid:  # the same tensor (e.g. the pipeline's two passes): no read-back
             return True
         return cached is not None and cached.shape == grid.shape and torch.equal(cached.to(grid.device), grid)
 
