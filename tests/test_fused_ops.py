@@ -265,6 +265,21 @@ def test_fused_layers_match_the_model_forward_and_backward(family):
     assert not any("forward" in m.__dict__ or "_vitos_fused" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_pruned_generate_with_fused_layers_gives_the_same_tokens(family):
+    boxes = [torch.tensor([[0.0, 0.0, 0.5, 0.5]]), torch.tensor([[0.5, 0.0, 1.0, 1.0]]),
+             torch.tensor([[0.0, 0.5, 1.0, 1.0]])]
+    tokens = []
+    for mode in ("off", "on"):
+        model = patching.patch_model(build_model(family).to(DEVICE), attention="varlen", fused_layers=mode)
+        batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                 for k, v in make_batch(family, model, PROMPTS).items()}
+        with torch.no_grad():
+            tokens.append(model.generate(**batch, max_new_tokens=6, do_sample=False,
+                                         vitos_boxes=[b.to(DEVICE) for b in boxes]))
+    assert torch.equal(tokens[0], tokens[1])
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if not f.is_llava], ids=lambda f: f.name)
 def test_vision_tower_with_fused_rotary_matches_eager(family):
     eager = build_model(family).to(DEVICE)
