@@ -19,7 +19,9 @@ rows take those kernels out again):
                           varlen attention, last-token logits): what a token-sparse prefill costs end to end.
   LM only, 77%            both on the identical compacted inputs: isolates the attention backend.
   batch of 8 ragged       8 prompts pruned to 408..1360 tokens. HF: the left-padded compacted batch through SDPA with
-                          the padding mask. vitos: the patched forward on the 8 prompts with a per-sample keep mask.
+                          the padding mask. vitos: the patched forward on the 8 prompts with a per-sample keep mask
+                          (its language model runs the kept tokens packed, without padding rows, and hands back the
+                          left-padded outputs and KV cache).
   two-pass prefill        vitos: vision once + full prefill (pass 1) + 77% prefill (pass 2), as vitos_ext.ViToSPipeline
                           runs them; HF: one full forward (vision + prefill) of the same prompt.
 Timing: median of CUDA events after warm-up (benchmarks/timing.py). Check: max |vitos - HF| / max |HF| of the

@@ -817,3 +817,70 @@ def test_qwen_same_images_reads_back_only_for_a_different_grid_tensor(monkeypatc
     assert not ADAPTER.same_images({"image_grid_thw": grid.flip(0)}, {"image_grid_thw": grid})
     monkeypatch.setattr(torch, "equal", lambda *a: pytest.fail("the same tensor needs no comparison"))
     assert ADAPTER.same_images({"image_grid_thw": grid}, {"image_grid_thw": grid})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# packed prefill: the pruned batch runs without padding rows, results in the left-padded layout
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _packed_spy(monkeypatch) -> list[int]:
+    """Record the token count of every packed prefill (the packed row's length)."""
+    calls = []
+    real = patching._use_packed_layout
+
+    def spy(state, request, kwargs, pruned):
+        real(state, request, kwargs, pruned)
+        calls.append(kwargs["inputs_embeds"].shape[1])
+
+    monkeypatch.setattr(patching, "_use_packed_layout", spy)
+    return calls
+
+
+def test_packed_prefill_equals_the_left_padded_prefill(family, monkeypatch):
+    model = patching.patch_model(build_model(family), attention="varlen")
+    batch = make_batch(family, model, PROMPTS)
+    results = {}
+    for packed in (False, True):
+        monkeypatch.setattr(patching, "PACKED_PREFILL", packed)
+        calls = _packed_spy(monkeypatch)
+        tokens, logits = greedy(model, batch, vitos_boxes=BOXES)
+        with torch.no_grad():
+            out = model(**batch, vitos_boxes=BOXES, use_cache=True)
+            pruned = model.vitos_last_prefill
+            torch.manual_seed(3)
+            sampled = model.generate(**batch, max_new_tokens=STEPS, do_sample=True, num_return_sequences=2,
+                                     vitos_boxes=BOXES)
+        kept = int(pruned.kept_counts.sum())
+        # generate, forward and the sampled generate (every prompt twice) all ran packed
+        assert calls == ([kept, kept, 2 * kept] if packed else [])
+        results[packed] = (tokens, logits, out.logits, cache_of(out), pruned.attention_mask.bool(), sampled)
+    (tokens, logits, forward_logits, cache, mask, sampled), packed = results[False], results[True]
+    assert torch.equal(packed[0], tokens) and torch.equal(packed[5], sampled)
+    torch.testing.assert_close(packed[1], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[2][mask], forward_logits[mask], rtol=1e-5, atol=1e-5)
+    for got_layer, want_layer in zip(packed[3].layers, cache.layers):
+        for name in ("keys", "values"):
+            got, want = getattr(got_layer, name), getattr(want_layer, name)
+            assert got.shape == want.shape  # [B, H, L', D]: the left-padded cache generate() continues from
+            torch.testing.assert_close(got.transpose(1, 2)[mask], want.transpose(1, 2)[mask], rtol=1e-5, atol=1e-5)
+            assert not got.transpose(1, 2)[~mask].any()  # padding positions are zeros
+
+
+def test_packed_prefill_only_where_it_applies(monkeypatch):
+    family = FAMILIES[1]
+    calls = _packed_spy(monkeypatch)
+    batch = make_batch(family, build_model(family), PROMPTS)
+    eager_lm = patching.patch_model(build_model(family), attention="model")  # no varlen attention: left-padded
+    greedy(eager_lm, batch, steps=2, vitos_boxes=BOXES)
+    varlen = patching.patch_model(build_model(family), attention="varlen")
+    single = select(batch, 0, family, varlen)
+    greedy(varlen, single, steps=2, vitos_boxes=BOXES[:1])  # one sequence: nothing is padded anyway
+    with torch.no_grad():
+        hidden = varlen(**batch, vitos_boxes=BOXES, output_hidden_states=True).hidden_states
+    assert not calls
+    assert hidden[0].shape[:2] == varlen.vitos_last_prefill.attention_mask.shape
+    greedy(varlen, batch, steps=2, vitos_boxes=BOXES, num_beams=2)  # beams reorder the converted cache
+    assert len(calls) == 1
+    patching.unpatch_model(varlen)
+    assert not varlen.model.language_model._forward_hooks

@@ -394,6 +394,8 @@ class PrunedBatch:
         source_index: int64 [B, L'], flat index into the original [B * L] batch of each row (-1 at padding).
         token_keep: bool [B * L], token_fuse: int64 [B * L] or None: the token-space maps that were applied (to
             compact other per-token data the same way, see compact_visual_features).
+        packed_rows: int64 [T'], T' = kept_counts.sum(): flat index into the [B * L'] layout of every kept token, in
+            sample order (the packed layout: inputs_embeds.view(B * L', D)[packed_rows] has no padding row).
     """
 
     inputs_embeds: torch.Tensor | None
@@ -407,6 +409,7 @@ class PrunedBatch:
     source_index: torch.Tensor
     token_keep: torch.Tensor
     token_fuse: torch.Tensor | None
+    packed_rows: torch.Tensor | None = None
 
     def without_embeddings(self) -> "PrunedBatch":
         """A copy without inputs_embeds (and so without the autograd graph behind them), cheap to keep around."""
@@ -507,6 +510,7 @@ def prune_padded_batch(
         source_index=source_index.view(batch, new_length),
         token_keep=token_keep,
         token_fuse=token_fuse,
+        packed_rows=dest,
     )
 
 

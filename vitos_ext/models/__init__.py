@@ -98,6 +98,10 @@ class VLMAdapter:
     def adjust_language_model_kwargs(self, kwargs: dict[str, Any], pruned: Any) -> None:
         """Prune family-specific per-token language-model inputs in place (e.g. Qwen3-VL's DeepStack features)."""
 
+    def pack_language_model_kwargs(self, kwargs: dict[str, Any], rows: torch.Tensor) -> None:
+        """Carry family-specific per-token [B, L'] inputs (already pruned) into the packed [1, T'] layout in place:
+        `rows` is PrunedBatch.packed_rows."""
+
     def set_rope_deltas(self, model: torch.nn.Module, pruned: Any) -> None:
         """Store per-sample rope deltas for decoding from the compacted cache (Qwen's model.model.rope_deltas)."""
 

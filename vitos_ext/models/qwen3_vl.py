@@ -34,6 +34,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
             ]
         kwargs["visual_pos_masks"] = compact_token_values(visual_pos_masks, pruned, False)
 
+    def pack_language_model_kwargs(self, kwargs: dict[str, Any], rows: Any) -> None:
+        # the DeepStack rows follow visual_pos_masks' row-major order, which packing keeps: only the mask moves
+        visual_pos_masks = kwargs.get("visual_pos_masks")
+        if visual_pos_masks is not None:
+            kwargs["visual_pos_masks"] = visual_pos_masks.flatten().index_select(0, rows).unsqueeze(0)
+
 
 ADAPTER = Qwen3VLAdapter()
 
