@@ -244,7 +244,10 @@ def image_features(model, prompt: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def capture_language_model_inputs(model, call: Callable[[], Any]) -> dict[str, torch.Tensor]:
     """Run a patched forward and return what its language model received after pruning (inputs_embeds,
-    attention_mask, position_ids): the compacted prompt, to feed HF's own language model the same tokens."""
+    attention_mask, position_ids): the compacted, left-padded prompt, to feed HF's own language model the same tokens
+    (captured with the packed prefill switched off, since HF's baseline takes the left-padded batch)."""
+    import vitos_ext.patching as patching
+
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module, args, kwargs):  # registered after the patch's pruning hook: sees the compacted inputs
@@ -253,11 +256,13 @@ def capture_language_model_inputs(model, call: Callable[[], Any]) -> dict[str, t
                              if isinstance(kwargs.get(k), torch.Tensor)})
 
     handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    packed_prefill, patching.PACKED_PREFILL = patching.PACKED_PREFILL, False
     try:
         with torch.no_grad():
             call()
     finally:
         handle.remove()
+        patching.PACKED_PREFILL = packed_prefill
     if "inputs_embeds" not in captured:
         raise RuntimeError("the language model was not called with inputs_embeds")
     return captured
