@@ -476,3 +476,26 @@ def test_kernels_cross_compile_for_hopper():
         assert info["cubin_bytes"] > 0
         assert info["wgmma"] >= 2, f"{name}: dots are not lowered to Hopper wgmma"
         assert info["async_copies"] > 0, f"{name}: loads are not software-pipelined"
+
+
+@CPU_TRITON
+def test_inference_fast_path_skips_the_op_dispatch_with_the_same_result():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "vitos":
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    args = {k: v.to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
+    with torch.no_grad():
+        fast = varlen_attention(**args, backend="triton")
+        with Calls() as calls:  # a dispatch mode (profilers, fake tensors) must see the op: no fast path
+            through_op = varlen_attention(**args, backend="triton")
+    assert calls.names == ["varlen_attention_fwd"]
+    assert torch.equal(fast, through_op)

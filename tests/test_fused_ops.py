@@ -396,3 +396,43 @@ def test_fused_kernels_cross_compile_for_hopper():
 
     report = compile_report(_HOPPER_COMPILE_SCRIPT)
     assert len(report) == 5 and all(info["cubin_bytes"] > 0 for info in report.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eager fast path: inference calls launch the kernels without the torch.library dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_eager_fast_path_conditions():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vitos_ext.ops._registration import eager_fast_path
+
+    x, w = _randn(3, 8), torch.nn.Parameter(_randn(8, seed=1))
+    assert not eager_fast_path(x, w)  # the parameter needs a gradient
+    with torch.no_grad():
+        assert eager_fast_path(x, w)
+        with _CountFusedOps():  # a dispatch mode must see the op
+            assert not eager_fast_path(x)
+        assert torch.vmap(lambda row: torch.tensor(eager_fast_path(row)))(x).logical_not().all()
+        with FakeTensorMode():
+            assert not eager_fast_path(torch.empty(2))
+
+
+def test_fast_path_results_equal_the_op_path():
+    x, w = _randn(6, 40, dtype=torch.bfloat16, scale=3), _randn(40, dtype=torch.bfloat16, seed=1)
+    gate, up = _randn(5, 33, dtype=torch.bfloat16, seed=2), _randn(5, 33, dtype=torch.bfloat16, seed=3)
+    qkv = _randn(4, 3, 2, 16, seed=4)
+    cos, sin = _randn(4, 16, seed=5), _randn(4, 16, seed=6)
+
+    def run():
+        return [rms_norm(x, w, backend="triton"), swiglu(gate, up, backend="triton"),
+                *rotary_embedding(qkv[:, 0], qkv[:, 1], cos, sin, backend="triton")]
+
+    with torch.no_grad():
+        fast = run()
+        with _CountFusedOps() as counter:
+            through_ops = run()
+    assert counter.calls == {"rms_norm_fwd": 1, "swiglu_fwd": 1, "rotary_embedding": 2}
+    for a, b in zip(fast, through_ops):
+        assert torch.equal(a, b)

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vitos_ext.ops._registration import define_triton_op
+from vitos_ext.ops._registration import define_triton_op, eager_fast_path
 from vitos_ext.profiling import nvtx_annotate
 from vitos_ext.reference import varlen_attention_reference
 
@@ -329,6 +329,11 @@ def varlen_attention(
     resolved = _resolve_backend(backend, q)
     if resolved == "triton":
         _check_triton_inputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+        if eager_fast_path(q, k, v, cu_seqlens_q, cu_seqlens_k):  # inference: no op dispatch per layer
+            out, _ = flash_attn_varlen_forward(
+                _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_seqlens_q.contiguous(),
+                cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, causal, scale)
+            return out
         out, _ = torch.ops.vitos.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, causal, scale)
         return out

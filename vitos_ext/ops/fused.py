@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vitos_ext.ops._registration import define_triton_op
+from vitos_ext.ops._registration import define_triton_op, eager_fast_path
 from vitos_ext.reference import rms_norm_reference, rotary_embedding_reference, swiglu_reference
 
 try:
@@ -192,7 +192,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
     if x.shape[-1] > _kernels.MAX_RMS_NORM_DIM:
         raise ValueError(f"{op}: backend='triton' handles rows of up to {_kernels.MAX_RMS_NORM_DIM} elements, got "
                          f"{x.shape[-1]}")
-    out, _ = torch.ops.vitos.rms_norm_fwd(x.reshape(-1, x.shape[-1]), weight, float(eps))
+    rows = x.reshape(-1, x.shape[-1])
+    if eager_fast_path(x, weight):
+        out, _ = _kernels.rms_norm_forward(_last_dim_contiguous(rows), weight.contiguous(), float(eps),
+                                           torch.promote_types(x.dtype, weight.dtype))
+    else:
+        out, _ = torch.ops.vitos.rms_norm_fwd(rows, weight, float(eps))
     return out.view(x.shape)
 
 
@@ -217,6 +222,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
     _check_same_device(op, "gate", gate, up=up)
     if not _use_triton(backend, op, {"gate": gate, "up": up}):
         return swiglu_reference(gate, up)
+    if eager_fast_path(gate, up):
+        return _kernels.swiglu_forward(gate.contiguous(), up.contiguous(), gate.dtype)
     return torch.ops.vitos.swiglu_fwd(gate, up)
 
 
@@ -255,5 +262,9 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     tables_need_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
     if tables_need_grad or not _use_triton(backend, op, {"q": q, "k": k, "cos": cos, "sin": sin}):
         return rotary_embedding_reference(q, k, cos, sin)
+    if eager_fast_path(q, k, cos, sin):
+        cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
+        return (_kernels.rotary_forward(_last_dim_contiguous(q), cos, sin),
+                _kernels.rotary_forward(_last_dim_contiguous(k), cos, sin))
     return (torch.ops.vitos.rotary_embedding(q, cos, sin, False),
             torch.ops.vitos.rotary_embedding(k, cos, sin, False))
