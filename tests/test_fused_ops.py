@@ -436,3 +436,17 @@ def test_fast_path_results_equal_the_op_path():
     assert counter.calls == {"rms_norm_fwd": 1, "swiglu_fwd": 1, "rotary_embedding": 2}
     for a, b in zip(fast, through_ops):
         assert torch.equal(a, b)
+
+
+def test_fused_layers_leave_dtypes_the_kernels_do_not_take_to_the_modules():
+    family = FAMILIES[1]
+    model = build_model(family).to(torch.float64)
+    batch = make_batch(family, model, PROMPTS)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.float64)
+    with torch.no_grad():
+        want = model(**batch).logits
+        patching.patch_model(model, attention="model", fused_layers="on")
+        with _CountFusedOps() as counter:
+            got = model(**batch).logits
+    assert not counter.calls  # float64: every module ran its own forward
+    assert torch.equal(got, want)

@@ -31,14 +31,16 @@ GATED_MLP_CLASSES = frozenset({
     "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen2_5_VLMLP", "Qwen3VLTextMLP",
 })
 _SILU_CLASSES = ("SiLU", "SiLUActivation")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def fused_active(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether `module` should run its fused kernels on `x`: mode "on" always; "auto" on CUDA when Triton runs."""
+def fused_active(module: torch.nn.Module, x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether `module` should run its fused kernels on `x` (and `others`, e.g. a weight): mode "on" always; "auto"
+    on CUDA when Triton runs. Dtypes the kernels do not take (float64, ...) keep the module's own forward."""
     mode = module.__dict__.get("_vitos_fused", "off")
-    if mode == "on":
-        return True
-    return mode == "auto" and x.device.type == "cuda" and fused_kernels_available(x.device)
+    if mode == "off" or any(t.dtype not in _KERNEL_DTYPES for t in (x, *others)):
+        return False
+    return mode == "on" or (x.device.type == "cuda" and fused_kernels_available(x.device))
 
 
 def _is_plain_rms_norm(module: torch.nn.Module) -> bool:
@@ -55,7 +57,7 @@ def _is_silu_gated_mlp(module: torch.nn.Module) -> bool:
 
 def fused_rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """RMSNorm module forward through vitos_ext.rms_norm (one kernel). [..., N] -> [..., N], as the module."""
-    if not fused_active(self, hidden_states):
+    if not fused_active(self, hidden_states, self.weight):
         return type(self).forward(self, hidden_states)
     return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend="triton")
 

@@ -81,7 +81,7 @@ def qwen_vision_varlen_forward(
         self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     )
     cos, sin = position_embeddings
-    if fused_active(self, hidden_states):  # one kernel per tensor, same float32 math as the helper below
+    if fused_active(self, hidden_states, cos, sin):  # one kernel per tensor, same float32 math as the helper below
         query, key = rotary_embedding(query, key, cos, sin, backend="triton")
     else:  # the family module's own rotary helper keeps numerics identical to the model's
         apply_rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
