@@ -444,7 +444,8 @@ def _measure_vitos(model, work: Workload, features, batch_features, compacted, c
         row = rows["lm only unfused"]
         row.hf_ms = rows["lm only"].hf_ms
         with fused_layers_off(model):
-            row.vitos_ms = guarded(row, "vitos", lambda: timer(lambda: language_model_prefill(model, compacted[middle])))
+            row.vitos_ms = guarded(row, "vitos",
+                                   lambda: timer(lambda: language_model_prefill(model, compacted[middle])))
             row.check = guarded(row, "check", lambda: relative_difference(
                 language_model_prefill(model, compacted[middle]), reference.get("lm only")))
     row = rows["batch"]

@@ -42,7 +42,8 @@ def _traceable(kernel):
 
 
 def _rows_per_program(num_rows: int) -> int:
-    """Rows handled by one program of the RMSNorm kernels: enough programs to fill a GPU, few partial dW rows."""
+    """Rows handled by one program of the RMSNorm kernels: enough programs to fill a GPU, few partial dW rows.
+    A runtime argument, not a constexpr, so that new sequence lengths never trigger a recompilation."""
     if INTERPRET:
         return 4
     return max(1, min(32, triton.cdiv(num_rows, 1024)))
@@ -54,13 +55,13 @@ def _rows_per_program(num_rows: int) -> int:
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, num_rows, n_cols, stride_x, stride_out, eps,
-                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, num_rows, n_cols, stride_x, stride_out, eps, rows_per_program,
+                         BLOCK_N: tl.constexpr):
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    first = tl.program_id(0) * ROWS
-    for i in range(ROWS):
+    first = tl.program_id(0) * rows_per_program
+    for i in range(rows_per_program):
         row = first + i
         if row < num_rows:
             x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -74,14 +75,14 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, num_rows, n_cols, stri
 
 @triton.jit
 def _rms_norm_bwd_kernel(dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, num_rows, n_cols,
-                         stride_dout, stride_x, stride_dx, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                         stride_dout, stride_x, stride_dx, rows_per_program, BLOCK_N: tl.constexpr):
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     pid = tl.program_id(0)
-    for i in range(ROWS):
-        row = pid * ROWS + i
+    for i in range(rows_per_program):
+        row = pid * rows_per_program + i
         if row < num_rows:
             x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + row.to(tl.int64) * stride_dout + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -110,7 +111,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return out, rstd
     rows = _rows_per_program(num_rows)
     _traceable(_rms_norm_fwd_kernel)[(triton.cdiv(num_rows, rows),)](
-        x, weight, out, rstd, num_rows, n_cols, x.stride(0), out.stride(0), eps, ROWS=rows, **_rms_block(n_cols))
+        x, weight, out, rstd, num_rows, n_cols, x.stride(0), out.stride(0), eps, rows, **_rms_block(n_cols))
     return out, rstd
 
 
@@ -125,8 +126,8 @@ def rms_norm_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     programs = triton.cdiv(num_rows, rows)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     _traceable(_rms_norm_bwd_kernel)[(programs,)](
-        dout, x, weight, rstd, dx, dw_partial, num_rows, n_cols, dout.stride(0), x.stride(0), dx.stride(0),
-        ROWS=rows, **_rms_block(n_cols))
+        dout, x, weight, rstd, dx, dw_partial, num_rows, n_cols, dout.stride(0), x.stride(0), dx.stride(0), rows,
+        **_rms_block(n_cols))
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
