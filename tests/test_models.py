@@ -884,3 +884,25 @@ def test_packed_prefill_only_where_it_applies(monkeypatch):
     assert len(calls) == 1
     patching.unpatch_model(varlen)
     assert not varlen.model.language_model._forward_hooks
+
+
+def test_packed_prefill_backpropagates_like_the_left_padded_one(family, monkeypatch):
+    model = patching.patch_model(build_model(family), attention="varlen")
+    batch = make_batch(family, model, PROMPTS)
+    labels = batch["input_ids"].masked_fill((batch["input_ids"] == IMAGE) | (batch["attention_mask"] == 0), -100)
+    model.train()
+    results = {}
+    for packed in (False, True):
+        monkeypatch.setattr(patching, "PACKED_PREFILL", packed)
+        calls = _packed_spy(monkeypatch)
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, labels=labels, vitos_boxes=BOXES, use_cache=False)
+        out.loss.backward()
+        assert len(calls) == int(packed)
+        results[packed] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
