@@ -398,8 +398,10 @@ def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 # dQ tiles below do not spill (185-255 registers), the dK/dV tiles spill at most a few hundred bytes (it keeps
 # dK, dV in float32 registers); tiles with 4 warps and 128-row accumulators spill and are left out. 64x64 tiles
 # serve short sequences (vision windows). float32 (the accuracy path, not a speed target) gets one small tile.
+# A sweep of every dK/dV tile (BLOCK_M 16/32/64 x BLOCK_N 64/128 x 4/8 warps x 2/3 stages) found three that do not
+# spill at all; the 16 x 128 one (241 registers) is a candidate too: it trades a thinner query tile for no spills.
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)])
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3)])
+_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3)])
 _DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3)])
 _FP32_FWD_CONFIGS = _configs([(64, 32, 4, 2)])
 _FP32_BWD_CONFIGS = _configs([(32, 32, 4, 2)])
