@@ -187,21 +187,22 @@ def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, half, stride_xs, stride_xh, stride_cs, stride_ss,
-                   stride_os, stride_oh, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xs, stride_xh, stride_cs, stride_ss,
+                   stride_os, stride_oh, HALF: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     # one program: one token, all heads. Forward:  o1 = x1 c1 - x2 s1,  o2 = x2 c2 + x1 s2.
     # Backward (transpose of that linear map):     g1 = d1 c1 + d2 s2,  g2 = d2 c2 - d1 s1.
     s = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
-    ok = (heads < num_heads) & (dims < half)
-    c1 = tl.load(cos_ptr + s * stride_cs + dims, mask=dims < half, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + s * stride_cs + half + dims, mask=dims < half, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + s * stride_ss + dims, mask=dims < half, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + s * stride_ss + half + dims, mask=dims < half, other=0.0).to(tl.float32)
+    ok = (heads < num_heads) & (dims < HALF)
+    c1 = tl.load(cos_ptr + s * stride_cs + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + s * stride_cs + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + s * stride_ss + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + s * stride_ss + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
     x_row = x_ptr + s * stride_xs + heads * stride_xh
     x1 = tl.load(x_row + dims, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + half + dims, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + HALF + dims, mask=ok, other=0.0).to(tl.float32)
     if BACKWARD:
         o1 = x1 * c1 + x2 * s2
         o2 = x2 * c2 - x1 * s1
@@ -210,7 +211,7 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, half, stride_xs,
         o2 = x2 * c2 + x1 * s2
     out_row = out_ptr + s * stride_os + heads * stride_oh
     tl.store(out_row + dims, o1.to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(out_row + half + dims, o2.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_row + HALF + dims, o2.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
@@ -224,7 +225,9 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwa
     half = dim // 2
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(half)
     warps = 1 if INTERPRET else min(8, max(1, block_h * block_d // 256))
+    # the half head dim is a compile-time constant (one variant per head dim): it lets the compiler prove 16-byte
+    # vector loads for head dims such as 80, which runtime divisibility (by 16 only) would not
     _traceable(_rotary_kernel)[(seq,)](
-        x, cos, sin, out, heads, half, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), out.stride(0),
-        out.stride(1), BACKWARD=bool(backward), BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
+        x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), out.stride(0),
+        out.stride(1), HALF=half, BACKWARD=bool(backward), BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
     return out
