@@ -7,7 +7,7 @@ gpu_e2e.py says how long each stage takes; this says why. For the patched vision
 two-pass prefill it runs each stage a few times under torch.profiler and prints, per stage:
   - wall ms per call, device-busy ms per call (the sum of kernel times) and their ratio: a stage whose kernels keep
     the GPU busy for only part of its wall time is host-bound (launch overhead, syncs, Python), and faster kernels
-    will not help it;
+    will not help it; and the kernel launches per call (what fusing kernels reduces);
   - the kernels (or, on CPU, the operators) with the most self time, with their share and call counts.
 """
 
@@ -46,7 +46,8 @@ def profile_stage(fn: Callable[[], Any], device: torch.device, calls: int, top: 
 
     Returns:
         {"wall_ms": per-call wall time, "busy_ms": per-call summed self time of the device kernels (CPU operators on
-        a CPU run), "top": [(name, per-call ms, share of busy time, calls per call)] of the `top` heaviest}.
+        a CPU run), "launches": device kernels / copies / memsets (CPU: operator calls) per call, "top": [(name,
+        per-call ms, share of busy time, calls per call)] of the `top` heaviest}.
     """
     on_cuda = device.type == "cuda"
     with torch.no_grad():
@@ -68,7 +69,8 @@ def profile_stage(fn: Callable[[], Any], device: torch.device, calls: int, top: 
     events.sort(key=lambda e: _device_self_us(e, on_cuda), reverse=True)
     top_rows = [(e.key, _device_self_us(e, on_cuda) / 1e3 / calls, _device_self_us(e, on_cuda) / max(busy_us, 1e-9),
                  e.count / calls) for e in events[:top]]
-    return {"wall_ms": wall_ms, "busy_ms": busy_us / 1e3 / calls, "top": top_rows}
+    launches = sum(e.count for e in events) / calls
+    return {"wall_ms": wall_ms, "busy_ms": busy_us / 1e3 / calls, "launches": launches, "top": top_rows}
 
 
 def stages(work: Any, features: Any, middle: float) -> dict[str, Callable[[], Any]]:
@@ -99,7 +101,8 @@ def report(name: str, result: dict[str, Any], device: torch.device) -> str:
     what = "kernel" if device.type == "cuda" else "operator"
     busy = result["busy_ms"] / max(result["wall_ms"], 1e-9)
     lines = [f"\n### {name}: {result['wall_ms']:.2f} ms wall per call, {result['busy_ms']:.2f} ms "
-             f"{'device-busy' if device.type == 'cuda' else 'in operators'} ({100 * busy:.0f}%)",
+             f"{'device-busy' if device.type == 'cuda' else 'in operators'} ({100 * busy:.0f}%), "
+             f"{result['launches']:.0f} {'launches' if device.type == 'cuda' else 'operator calls'} per call",
              f"| {what} | ms per call | share | calls per call |", "|---|---|---|---|"]
     for key, ms, share, count in result["top"]:
         lines.append(f"| {key[:90]} | {ms:.3f} | {100 * share:.1f}% | {count:g} |")
@@ -131,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         features = encode_images(work.model, work.prompt["pixel_values"],
                                  image_grid_thw=work.prompt["image_grid_thw"])
     middle = shapes.kept_ratios[len(shapes.kept_ratios) // 2]
-    for name, fn in stages(work, features, middle).items():
+    patched = stages(work, features, middle)
+    for name, fn in patched.items():
         print(report(name, profile_stage(fn, device, args.calls, args.top), device), flush=True)
+    with gpu_e2e.fused_layers_off(work.model):  # the same tower with eager norms / MLPs / rotary: launches saved
+        print(report("vision tower, fused_layers='off'", profile_stage(patched["vision tower"], device, args.calls,
+                                                                       args.top), device), flush=True)
     return 0
 
 

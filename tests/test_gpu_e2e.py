@@ -98,10 +98,12 @@ def test_tiny_profile_reports_every_stage(capsys):
     spec.loader.exec_module(module)
     assert module.main(["--tiny", "--calls", "1", "--top", "3"]) == 0
     out = capsys.readouterr().out
-    headers = re.findall(r"^### (.+?): ([\d.]+) ms wall per call, ([\d.]+) ms in operators \((\d+)%\)", out, re.M)
-    assert [h[0] for h in headers] == ["vision tower", "LM prefill, 77% kept", "two-pass prefill"]
-    for _, wall, busy, share in headers:
-        assert 0 < float(busy) <= float(wall) and 0 < int(share) <= 100
+    headers = re.findall(r"^### (.+?): ([\d.]+) ms wall per call, ([\d.]+) ms in operators \((\d+)%\), (\d+) "
+                         r"operator calls per call", out, re.M)
+    assert [h[0] for h in headers] == ["vision tower", "LM prefill, 77% kept", "two-pass prefill",
+                                       "vision tower, fused_layers='off'"]
+    for _, wall, busy, share, launches in headers:
+        assert 0 < float(busy) <= float(wall) and 0 < int(share) <= 100 and int(launches) > 0
     rows = [line for line in out.splitlines() if line.startswith("| aten::")]
-    assert len(rows) == 9  # --top 3 per stage
+    assert len(rows) == 12  # --top 3 per stage
     assert module.main(["--tiny", "--calls", "0"]) == 2
