@@ -829,8 +829,8 @@ def _packed_spy(monkeypatch) -> list[int]:
     calls = []
     real = patching._use_packed_layout
 
-    def spy(state, request, kwargs, pruned):
-        real(state, request, kwargs, pruned)
+    def spy(state, request, kwargs, *layout):
+        real(state, request, kwargs, *layout)
         calls.append(kwargs["inputs_embeds"].shape[1])
 
     monkeypatch.setattr(patching, "_use_packed_layout", spy)
@@ -906,3 +906,31 @@ def test_packed_prefill_backpropagates_like_the_left_padded_one(family, monkeypa
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_unpruned_request_prefill_of_a_padded_batch_runs_packed(family, monkeypatch):
+    """The pipeline's first pass (reused image features, no pruning) on a ragged batch: packed, same results."""
+    model = patching.patch_model(build_model(family), attention="varlen")
+    ragged = [PROMPTS[0], [("text", [13]), ("image", (4, 8)), ("text", [14, 15])]]
+    batch = make_batch(family, model, ragged)
+    image_inputs = {} if family.is_llava else {"image_grid_thw": batch["image_grid_thw"]}
+    with torch.no_grad():
+        features = patching.encode_images(model, batch["pixel_values"], **image_inputs)
+    valid = batch["attention_mask"].bool()
+    assert not valid.all()  # left padding in the second row
+    results = {}
+    for packed in (False, True):
+        monkeypatch.setattr(patching, "PACKED_PREFILL", packed)
+        calls = _packed_spy(monkeypatch)
+        tokens, logits = greedy(model, batch, vitos_image_features=features)
+        with torch.no_grad():
+            forward_logits = model(**batch, vitos_image_features=features).logits
+        assert calls == ([int(valid.sum())] * 2 if packed else [])
+        assert model.vitos_last_prefill is None  # nothing was pruned
+        results[packed] = (tokens, logits, forward_logits)
+    assert torch.equal(results[True][0], results[False][0])
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[True][2][valid], results[False][2][valid], rtol=1e-5, atol=1e-5)
+    calls = _packed_spy(monkeypatch)
+    greedy(model, batch, steps=2)  # no vitos_* argument: the model behaves exactly as unpatched, nothing packed
+    assert not calls

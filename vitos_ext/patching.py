@@ -162,7 +162,7 @@ class _Request:
     encoded_rows: int | None = None
     done: bool = False
     pruned: PrunedBatch | None = None
-    packed_prefill: PrunedBatch | None = None  # set while the language model runs the packed layout
+    packed_prefill: "_PackedLayout | None" = None  # set while the language model runs the packed layout
     generate_kwargs_pending: bool = False
 
     @property
@@ -809,12 +809,18 @@ def _encodes_videos(request: _Request, args: tuple, kwargs: dict[str, Any]) -> b
 
 
 def _language_model_pre_hook(state: _PatchState, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
-    """forward pre-hook (with kwargs) of the language model: prune the prefill of an active request."""
+    """forward pre-hook (with kwargs) of the language model: prune the prefill of an active request (or, without
+    pruning, run a padded batch's prefill packed)."""
     request = _request_for(state)
-    if request is None or request.done or not request.prunes:
+    if request is None or request.done:
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length() > 0:
+        return None
+    if not request.prunes:
+        if not args and _packed_prefill_applies(state, request, kwargs):
+            _pack_padded_prefill(state, request, kwargs)
+            return args, kwargs
         return None
     request.done = True
     if args:
@@ -855,24 +861,34 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
     if pruned.position_ids.dim() == 2 and _packs_by_position(adapter.language_model(model).config):
         kwargs.update(_explicit_sequence_bounds(pruned))
     adapter.set_rope_deltas(model, pruned)
-    if _packed_prefill_applies(state, request, kwargs, pruned):
-        _use_packed_layout(state, request, kwargs, pruned)
+    if _packed_prefill_applies(state, request, kwargs):
+        _use_packed_layout(state, request, kwargs, pruned.packed_rows, pruned.kept_counts)
     request.pruned = pruned
     request.generate_kwargs_pending = request.in_generate
     model.__dict__["vitos_last_prefill"] = pruned.without_embeddings()
 
 
-# The prefill of a pruned batch runs packed (no padding row) when the language model attends through vitos_varlen:
-# left padding to the longest kept sequence would make every MLP / projection process padding rows (1.5x the work
-# in the 7B batch-of-8 benchmark). The outputs and the KV cache are put back into the left-padded layout afterwards,
-# so callers and generate() see exactly the left-padded contract. Tests switch it off to compare the two layouts.
+# A batch's prefill runs packed (no padding row) when the language model attends through vitos_varlen: left padding
+# to the longest (kept) sequence would make every MLP / projection process padding rows (1.5x the work in the 7B
+# batch-of-8 benchmark). The outputs and the KV cache are put back into the left-padded layout afterwards, so callers
+# and generate() see exactly the left-padded contract. Tests switch it off to compare the two layouts.
 PACKED_PREFILL = True
 
 
-def _packed_prefill_applies(state: _PatchState, request: _Request, kwargs: dict[str, Any], pruned: PrunedBatch) -> bool:
+@dataclass
+class _PackedLayout:
+    """Where the packed row's tokens go in the left-padded [batch, length] layout: rows = flat indices, sample order."""
+
+    rows: torch.Tensor
+    batch: int
+    length: int
+
+
+def _packed_prefill_applies(state: _PatchState, request: _Request, kwargs: dict[str, Any]) -> bool:
     from .hf_attention import HF_ATTENTION_NAME
 
-    if not PACKED_PREFILL or pruned.packed_rows is None or pruned.attention_mask.shape[0] < 2:
+    embeds = kwargs.get("inputs_embeds")
+    if not PACKED_PREFILL or not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[0] < 2:
         return False
     config = state.adapter.language_model(state.model).config
     if getattr(config, "_attn_implementation", None) != HF_ATTENTION_NAME:
@@ -890,43 +906,59 @@ def _is_plain_dynamic_cache(cache: Any) -> bool:
             and isinstance(layers, list) and all(type(layer).__name__ == "DynamicLayer" for layer in layers))
 
 
-def _use_packed_layout(state: _PatchState, request: _Request, kwargs: dict[str, Any], pruned: PrunedBatch) -> None:
-    """Turn the left-padded language-model inputs in `kwargs` into one packed row [1, T'] with explicit sequence
-    boundaries for the varlen attention (the post-hook restores the left-padded layout of the outputs)."""
-    rows = pruned.packed_rows
-    batch, new_length = pruned.attention_mask.shape
-    embeds = pruned.inputs_embeds
-    cu = torch.nn.functional.pad(pruned.kept_counts.cumsum(0), (1, 0)).to(torch.int32)
+def _pack_padded_prefill(state: _PatchState, request: _Request, kwargs: dict[str, Any]) -> None:
+    """An unpruned prefill of a padded batch (e.g. the pipeline's first pass): packed when it has padding rows.
+    Finding them reads the mask back once."""
+    mask = kwargs.get("attention_mask")
+    embeds = kwargs["inputs_embeds"]
+    if not isinstance(mask, torch.Tensor) or mask.shape != embeds.shape[:2]:
+        return
+    valid = mask.bool()
+    rows = valid.flatten().nonzero().squeeze(1)
+    if rows.numel() == valid.numel():  # nothing padded: the padded layout is already packed
+        return
+    if kwargs.get("position_ids") is None:  # what the language model would use itself
+        kwargs["position_ids"] = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[:2])
+    _use_packed_layout(state, request, kwargs, rows, valid.sum(1))
+
+
+def _use_packed_layout(state: _PatchState, request: _Request, kwargs: dict[str, Any], rows: torch.Tensor,
+                       counts: torch.Tensor) -> None:
+    """Turn the left-padded language-model inputs in `kwargs` (inputs_embeds [B, L, D], position_ids [B, L] or
+    [P, B, L]) into one packed row [1, T'] of the `rows` (flat indices, sample order; `counts` [B] per sample) with
+    explicit sequence boundaries for the varlen attention; the post-hook restores the left-padded outputs."""
+    embeds = kwargs["inputs_embeds"]
+    batch, length = embeds.shape[:2]
+    cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
     kwargs.update(
-        inputs_embeds=embeds.reshape(batch * new_length, embeds.shape[-1]).index_select(0, rows).unsqueeze(0),
+        inputs_embeds=embeds.reshape(batch * length, embeds.shape[-1]).index_select(0, rows).unsqueeze(0),
         attention_mask=None,
-        position_ids=pruned.position_ids.flatten(-2).index_select(-1, rows).unsqueeze(-2),
-        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=new_length, max_length_k=new_length,
+        position_ids=kwargs["position_ids"].flatten(-2).index_select(-1, rows).unsqueeze(-2),
+        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=length, max_length_k=length,
     )
     state.adapter.pack_language_model_kwargs(kwargs, rows)
-    request.packed_prefill = pruned
+    request.packed_prefill = _PackedLayout(rows, batch, length)
 
 
 def _language_model_post_hook(state: _PatchState, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
                               output: Any) -> Any:
     """forward hook (with kwargs) of the language model: after a packed prefill, put the last hidden states and the
-    KV cache back into the left-padded [B, L'] layout of the pruned batch."""
+    KV cache back into the left-padded [B, L] layout."""
     request = _request_for(state)
-    pruned = request.packed_prefill if request is not None else None
-    if pruned is None:
+    layout = request.packed_prefill if request is not None else None
+    if layout is None:
         return None
     request.packed_prefill = None
-    rows = pruned.packed_rows
-    batch, new_length = pruned.attention_mask.shape
+    rows, batch, length = layout.rows, layout.batch, layout.length
     hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-    padded = hidden.new_zeros(batch * new_length, hidden.shape[-1]).index_copy(0, rows, hidden[0])
-    padded = padded.view(batch, new_length, -1)
+    padded = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, rows, hidden[0])
+    padded = padded.view(batch, length, -1)
     if isinstance(output, tuple):
         cache = output[1] if len(output) > 1 else None
     else:  # transformers >= 5.2x names the field "cache", earlier releases "past_key_values"
         cache = next((output[name] for name in ("cache", "past_key_values") if output.get(name) is not None), None)
     if cache is not None:
-        _left_pad_cache(cache, rows, batch, new_length)
+        _left_pad_cache(cache, rows, batch, length)
     if isinstance(output, tuple):
         return (padded, *output[1:])
     output.last_hidden_state = padded
