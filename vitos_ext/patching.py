@@ -214,8 +214,9 @@ def patch_model(model: torch.nn.Module, attention: str = "auto", fused_layers: s
     alone would. A pruned forward() returns logits over the compacted, left-padded sequence [B, L', V] (labels, if
     given, are compacted the same way). model.vitos_last_prefill (a PrunedBatch without embeddings) describes the
     last pruned prefill: kept_counts, visual_kept_counts, kept_ratio, attention_mask, position_ids, next_position.
-    When the language model attends through "vitos_varlen", the pruned prefill of a batch runs packed (no padding
-    rows) and its outputs and KV cache are laid back out left-padded (see PACKED_PREFILL).
+    When the language model attends through "vitos_varlen", the prefill of a padded batch in a call with vitos_*
+    arguments (pruned, or reusing image features) runs packed (no padding rows) and its outputs and KV cache are
+    laid back out left-padded (see PACKED_PREFILL).
 
     Args:
         model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA *ForConditionalGeneration instance.
