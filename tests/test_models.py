@@ -837,13 +837,18 @@ def _packed_spy(monkeypatch) -> list[int]:
     return calls
 
 
+def _both_layouts(monkeypatch):
+    """Yield (packed, spy calls): first with the left-padded prefill, then with the packed one."""
+    for packed in (False, True):
+        monkeypatch.setattr(patching, "PACKED_PREFILL", packed)
+        yield packed, _packed_spy(monkeypatch)
+
+
 def test_packed_prefill_equals_the_left_padded_prefill(family, monkeypatch):
     model = patching.patch_model(build_model(family), attention="varlen")
     batch = make_batch(family, model, PROMPTS)
     results = {}
-    for packed in (False, True):
-        monkeypatch.setattr(patching, "PACKED_PREFILL", packed)
-        calls = _packed_spy(monkeypatch)
+    for packed, calls in _both_layouts(monkeypatch):
         tokens, logits = greedy(model, batch, vitos_boxes=BOXES)
         with torch.no_grad():
             out = model(**batch, vitos_boxes=BOXES, use_cache=True)
@@ -892,9 +897,7 @@ def test_packed_prefill_backpropagates_like_the_left_padded_one(family, monkeypa
     labels = batch["input_ids"].masked_fill((batch["input_ids"] == IMAGE) | (batch["attention_mask"] == 0), -100)
     model.train()
     results = {}
-    for packed in (False, True):
-        monkeypatch.setattr(patching, "PACKED_PREFILL", packed)
-        calls = _packed_spy(monkeypatch)
+    for packed, calls in _both_layouts(monkeypatch):
         model.zero_grad(set_to_none=True)
         out = model(**batch, labels=labels, vitos_boxes=BOXES, use_cache=False)
         out.loss.backward()
@@ -919,9 +922,7 @@ def test_unpruned_request_prefill_of_a_padded_batch_runs_packed(family, monkeypa
     valid = batch["attention_mask"].bool()
     assert not valid.all()  # left padding in the second row
     results = {}
-    for packed in (False, True):
-        monkeypatch.setattr(patching, "PACKED_PREFILL", packed)
-        calls = _packed_spy(monkeypatch)
+    for packed, calls in _both_layouts(monkeypatch):
         tokens, logits = greedy(model, batch, vitos_image_features=features)
         with torch.no_grad():
             forward_logits = model(**batch, vitos_image_features=features).logits
