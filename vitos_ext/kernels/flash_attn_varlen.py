@@ -28,7 +28,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from vitos_ext.kernels._launch import INTERPRET, traceable
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -41,7 +42,6 @@ __all__ = [
 MAX_HEAD_DIM = 128
 # grid axis 1 enumerates the tiles of the longest sequence; CUDA allows at most 65535 there (32-row tiles at least)
 MAX_SEQLEN = 65535 * 32
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # VITOS_ATTN_AUTOTUNE=0 keeps only the first (default) tile per kernel: no tuning runs, fewer compiles (quick CI)
 AUTOTUNE = os.environ.get("VITOS_ATTN_AUTOTUNE", "1") != "0"
 
@@ -449,17 +449,10 @@ def _static_args(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
     }
 
 
-def _traceable(kernel):
-    """wrap_triton makes a launch visible to torch.compile inside a triton_op; interpreted kernels cannot be
-    traced (older torch releases even reject them), so under TRITON_INTERPRET they are launched as they are and the op
-    is registered as an opaque custom op instead (see vitos_ext.ops.attention)."""
-    return kernel if INTERPRET else wrap_triton(kernel)
-
-
 def _pick(tuned, plain, block_sizes: dict | None):
     """The autotuned kernel, or the plain one with explicit tiles (tests sweep tile shapes this way)."""
     if block_sizes is None:
-        return _traceable(tuned), {}
+        return traceable(tuned), {}
     return plain, {"BLOCK_M": int(block_sizes["BLOCK_M"]), "BLOCK_N": int(block_sizes["BLOCK_N"])}
 
 
@@ -519,7 +512,7 @@ def flash_attn_varlen_backward(
     bucket = _seqlen_bucket(max(max_seqlen_q, max_seqlen_k))
 
     delta = torch.empty((num_heads_q, total_q), dtype=torch.float32, device=q.device)
-    _traceable(_bwd_preprocess_kernel)[(triton.cdiv(total_q, _PREPROCESS_BLOCK_M), num_heads_q)](
+    traceable(_bwd_preprocess_kernel)[(triton.cdiv(total_q, _PREPROCESS_BLOCK_M), num_heads_q)](
         out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=static["HEAD_DIM_PAD"], BLOCK_M=_PREPROCESS_BLOCK_M,
     )

@@ -14,12 +14,11 @@ Layouts (all kernels take explicit strides; the last dim must be contiguous):
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from vitos_ext.kernels._launch import INTERPRET, traceable
 
 __all__ = [
     "rms_norm_forward",
@@ -30,15 +29,9 @@ __all__ = [
     "MAX_RMS_NORM_DIM",
 ]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # one program holds a whole row in registers; beyond this the row would spill (no model we patch comes close)
 MAX_RMS_NORM_DIM = 65536
 _SWIGLU_BLOCK = 1024
-
-
-def _traceable(kernel):
-    """wrap_triton makes a launch visible to torch.compile inside a triton_op (see vitos_ext.ops.fused)."""
-    return kernel if INTERPRET else wrap_triton(kernel)
 
 
 def _rows_per_program(num_rows: int) -> int:
@@ -110,7 +103,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if num_rows == 0:
         return out, rstd
     rows = _rows_per_program(num_rows)
-    _traceable(_rms_norm_fwd_kernel)[(triton.cdiv(num_rows, rows),)](
+    traceable(_rms_norm_fwd_kernel)[(triton.cdiv(num_rows, rows),)](
         x, weight, out, rstd, num_rows, n_cols, x.stride(0), out.stride(0), eps, rows, **_rms_block(n_cols))
     return out, rstd
 
@@ -125,7 +118,7 @@ def rms_norm_backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     rows = _rows_per_program(num_rows)
     programs = triton.cdiv(num_rows, rows)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    _traceable(_rms_norm_bwd_kernel)[(programs,)](
+    traceable(_rms_norm_bwd_kernel)[(programs,)](
         dout, x, weight, rstd, dx, dw_partial, num_rows, n_cols, dout.stride(0), x.stride(0), dx.stride(0), rows,
         **_rms_block(n_cols))
     return dx, dw_partial.sum(0).to(weight.dtype)
@@ -168,7 +161,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype)
     """gate, up: contiguous, same shape -> silu(gate) * up (out_dtype, same shape)."""
     out = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)
     if gate.numel():
-        _traceable(_swiglu_fwd_kernel)[_swiglu_grid(gate.numel())](gate, up, out, gate.numel(), BLOCK=_SWIGLU_BLOCK)
+        traceable(_swiglu_fwd_kernel)[_swiglu_grid(gate.numel())](gate, up, out, gate.numel(), BLOCK=_SWIGLU_BLOCK)
     return out
 
 
@@ -176,7 +169,7 @@ def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
     """(dgate gate.dtype, dup up.dtype) for contiguous dout, gate, up of one shape."""
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     if gate.numel():
-        _traceable(_swiglu_bwd_kernel)[_swiglu_grid(gate.numel())](
+        traceable(_swiglu_bwd_kernel)[_swiglu_grid(gate.numel())](
             dout, gate, up, dgate, dup, gate.numel(), BLOCK=_SWIGLU_BLOCK)
     return dgate, dup
 
@@ -227,7 +220,7 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwa
     warps = 1 if INTERPRET else min(8, max(1, block_h * block_d // 256))
     # the half head dim is a compile-time constant (one variant per head dim): it lets the compiler prove 16-byte
     # vector loads for head dims such as 80, which runtime divisibility (by 16 only) would not
-    _traceable(_rotary_kernel)[(seq,)](
+    traceable(_rotary_kernel)[(seq,)](
         x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), out.stride(0),
         out.stride(1), HALF=half, BACKWARD=bool(backward), BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
     return out

@@ -1,13 +1,28 @@
-"""Registration of the Triton-backed torch.library ops (shared by the attention and the fused-layer ops)."""
+"""Plumbing shared by the Triton-backed torch.library ops (attention and fused layers): registration, device
+checks, the inference fast path."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def triton_runs_on(kernels: Any, device: torch.device | str) -> bool:
+    """Whether a Triton kernel module (None when triton is missing) can run on tensors of `device`: CUDA, or CPU
+    under TRITON_INTERPRET=1."""
+    if kernels is None:
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and kernels.INTERPRET)
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dim is contiguous (the kernels take any other strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def define_triton_op(name: str, fake_fn: Callable, interpret: bool) -> Callable:

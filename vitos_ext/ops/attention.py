@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vitos_ext.ops._registration import define_triton_op, eager_fast_path
+from vitos_ext.ops._registration import define_triton_op, eager_fast_path, last_dim_contiguous, triton_runs_on
 from vitos_ext.profiling import nvtx_annotate
 from vitos_ext.reference import varlen_attention_reference
 
@@ -51,10 +51,7 @@ _INT32_MAX = 2**31 - 1
 
 def triton_available(device: torch.device | str) -> bool:
     """Whether backend="triton" can run on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if _kernels is None:
-        return False
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET)
+    return triton_runs_on(_kernels, device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,6 +170,13 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _forward_kernels(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    """The Triton forward launch (the op's body, also called directly by the inference fast path)."""
+    return flash_attn_varlen_forward(
+        last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v), cu_seqlens_q.contiguous(),
+        cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+
+
 if _kernels is not None:
 
     @define_triton_op("vitos::varlen_attention_fwd", _fwd_fake, _kernels.INTERPRET)
@@ -181,9 +185,8 @@ if _kernels is not None:
         max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Triton varlen attention forward: out [Tq, Hq, D] (q.dtype), lse float32 [Hq, Tq]."""
-        return flash_attn_varlen_forward(
-            _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_seqlens_q.contiguous(),
-            cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, causal, softmax_scale)
+        return _forward_kernels(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                softmax_scale)
 
     @define_triton_op("vitos::varlen_attention_bwd", _bwd_fake, _kernels.INTERPRET)
     def _varlen_attention_bwd(
@@ -193,8 +196,8 @@ if _kernels is not None:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Triton varlen attention backward: dq [Tq, Hq, D], dk/dv [Tk, Hk, D] from the saved out and lse."""
         return flash_attn_varlen_backward(
-            _last_dim_contiguous(dout), _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-            _last_dim_contiguous(out), lse.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+            last_dim_contiguous(dout), last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v),
+            last_dim_contiguous(out), lse.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
             max_seqlen_q, max_seqlen_k, causal, softmax_scale)
 
     def _setup_context(ctx, inputs, output):
@@ -214,10 +217,6 @@ if _kernels is not None:
         return dq, dk, dv, None, None, None, None, None, None
 
     _varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,13 +328,10 @@ def varlen_attention(
     resolved = _resolve_backend(backend, q)
     if resolved == "triton":
         _check_triton_inputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-        if eager_fast_path(q, k, v, cu_seqlens_q, cu_seqlens_k):  # inference: no op dispatch per layer
-            out, _ = flash_attn_varlen_forward(
-                _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), cu_seqlens_q.contiguous(),
-                cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, causal, scale)
-            return out
-        out, _ = torch.ops.vitos.varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, causal, scale)
+        # inference: the kernels directly, no op dispatch per layer
+        forward = _forward_kernels if eager_fast_path(q, k, v, cu_seqlens_q, cu_seqlens_k) else \
+            torch.ops.vitos.varlen_attention_fwd
+        out, _ = forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
         return out
     if resolved == "torch":
         return _torch_backend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)

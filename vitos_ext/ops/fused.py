@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vitos_ext.ops._registration import define_triton_op, eager_fast_path
+from vitos_ext.ops._registration import define_triton_op, eager_fast_path, last_dim_contiguous, triton_runs_on
 from vitos_ext.reference import rms_norm_reference, rotary_embedding_reference, swiglu_reference
 
 try:
@@ -29,10 +29,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def fused_kernels_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if _kernels is None:
-        return False
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and _kernels.INTERPRET)
+    return triton_runs_on(_kernels, device)
 
 
 def _use_triton(backend: str, op: str, tensors: dict[str, torch.Tensor]) -> bool:
@@ -67,13 +64,26 @@ def _check_same_device(op: str, reference_name: str, reference: torch.Tensor, **
             raise ValueError(f"{op}: {name} is on {t.device} but {reference_name} is on {reference.device}")
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------------------
+
+
+# the kernel launches: each op's body, also called directly by the inference fast path
+
+
+def _rms_norm_kernels(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels.rms_norm_forward(last_dim_contiguous(x), weight.contiguous(), eps,
+                                     torch.promote_types(x.dtype, weight.dtype))
+
+
+def _swiglu_kernels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _kernels.swiglu_forward(gate.contiguous(), up.contiguous(), gate.dtype)
+
+
+def _rotary_kernels(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    return _kernels.rotary_forward(last_dim_contiguous(x), last_dim_contiguous(cos), last_dim_contiguous(sin),
+                                   backward)
 
 
 def _rms_fwd_fake(x, weight, eps):
@@ -102,14 +112,13 @@ if _kernels is not None:
     @define_triton_op("vitos::rms_norm_fwd", _rms_fwd_fake, _kernels.INTERPRET)
     def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x [R, N], weight [N] -> (out [R, N] in promote(x, weight) dtype, rstd float32 [R])."""
-        return _kernels.rms_norm_forward(_last_dim_contiguous(x), weight.contiguous(), eps,
-                                         torch.promote_types(x.dtype, weight.dtype))
+        return _rms_norm_kernels(x, weight, eps)
 
     @define_triton_op("vitos::rms_norm_bwd", _rms_bwd_fake, _kernels.INTERPRET)
     def _rms_norm_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dx [R, N] x.dtype, dweight [N] weight.dtype)."""
-        return _kernels.rms_norm_backward(_last_dim_contiguous(dout), _last_dim_contiguous(x), weight.contiguous(),
+        return _kernels.rms_norm_backward(last_dim_contiguous(dout), last_dim_contiguous(x), weight.contiguous(),
                                           rstd.contiguous())
 
     def _rms_setup_context(ctx, inputs, output):
@@ -127,7 +136,7 @@ if _kernels is not None:
     @define_triton_op("vitos::swiglu_fwd", _swiglu_fwd_fake, _kernels.INTERPRET)
     def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for gate, up of one shape and dtype."""
-        return _kernels.swiglu_forward(gate.contiguous(), up.contiguous(), gate.dtype)
+        return _swiglu_kernels(gate, up)
 
     @define_triton_op("vitos::swiglu_bwd", _swiglu_bwd_fake, _kernels.INTERPRET)
     def _swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +155,7 @@ if _kernels is not None:
     @define_triton_op("vitos::rotary_embedding", _rotary_fake, _kernels.INTERPRET)
     def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
         """x [S, H, D], cos/sin [S, D] -> rotated contiguous [S, H, D] (the transposed map if backward)."""
-        return _kernels.rotary_forward(_last_dim_contiguous(x), _last_dim_contiguous(cos), _last_dim_contiguous(sin),
-                                       backward)
+        return _rotary_kernels(x, cos, sin, backward)
 
     def _rotary_setup_context(ctx, inputs, output):
         _, cos, sin, backward = inputs
@@ -192,12 +200,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
     if x.shape[-1] > _kernels.MAX_RMS_NORM_DIM:
         raise ValueError(f"{op}: backend='triton' handles rows of up to {_kernels.MAX_RMS_NORM_DIM} elements, got "
                          f"{x.shape[-1]}")
-    rows = x.reshape(-1, x.shape[-1])
-    if eager_fast_path(x, weight):
-        out, _ = _kernels.rms_norm_forward(_last_dim_contiguous(rows), weight.contiguous(), float(eps),
-                                           torch.promote_types(x.dtype, weight.dtype))
-    else:
-        out, _ = torch.ops.vitos.rms_norm_fwd(rows, weight, float(eps))
+    forward = _rms_norm_kernels if eager_fast_path(x, weight) else torch.ops.vitos.rms_norm_fwd
+    out, _ = forward(x.reshape(-1, x.shape[-1]), weight, float(eps))
     return out.view(x.shape)
 
 
@@ -222,9 +226,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
     _check_same_device(op, "gate", gate, up=up)
     if not _use_triton(backend, op, {"gate": gate, "up": up}):
         return swiglu_reference(gate, up)
-    if eager_fast_path(gate, up):
-        return _kernels.swiglu_forward(gate.contiguous(), up.contiguous(), gate.dtype)
-    return torch.ops.vitos.swiglu_fwd(gate, up)
+    forward = _swiglu_kernels if eager_fast_path(gate, up) else torch.ops.vitos.swiglu_fwd
+    return forward(gate, up)
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -262,9 +265,5 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     tables_need_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
     if tables_need_grad or not _use_triton(backend, op, {"q": q, "k": k, "cos": cos, "sin": sin}):
         return rotary_embedding_reference(q, k, cos, sin)
-    if eager_fast_path(q, k, cos, sin):
-        cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
-        return (_kernels.rotary_forward(_last_dim_contiguous(q), cos, sin),
-                _kernels.rotary_forward(_last_dim_contiguous(k), cos, sin))
-    return (torch.ops.vitos.rotary_embedding(q, cos, sin, False),
-            torch.ops.vitos.rotary_embedding(k, cos, sin, False))
+    forward = _rotary_kernels if eager_fast_path(q, k, cos, sin) else torch.ops.vitos.rotary_embedding
+    return forward(q, cos, sin, False), forward(k, cos, sin, False)
