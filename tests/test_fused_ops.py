@@ -252,7 +252,7 @@ def test_fused_layers_match_the_model_forward_and_backward(family):
 
     want_logits, want_grads = loss_and_grads()
     patching.patch_model(model, attention="model", fused_layers="on")
-    installed = patching._state_of(model).fused_modules
+    installed = patching._state_of(model).fused_forwards.modules
     names = {type(m).__name__ for m in installed}
     assert any(n.endswith("RMSNorm") for n in names) and any(n.endswith("MLP") for n in names)
     with _CountFusedOps() as counter:
@@ -309,12 +309,12 @@ def test_fused_layer_modes():
     with pytest.raises(ValueError, match="fused_layers must be one of"):
         patching.patch_model(model, fused_layers="always")
     patching.patch_model(model, attention="model", fused_layers="off")
-    assert not patching._state_of(model).fused_modules
+    assert not patching._state_of(model).fused_forwards.modules
     # "auto" installs the forwards, which on CPU tensors run the modules' own code (no fused op at all)
     patching.patch_model(model, attention="model", fused_layers="auto")
     state = patching._state_of(model)
     vision_blocks = model.model.visual.blocks
-    assert {vision_blocks[0].norm1, vision_blocks[0].mlp} <= set(state.fused_modules)
+    assert {vision_blocks[0].norm1, vision_blocks[0].mlp} <= set(state.fused_forwards.modules)
     with torch.no_grad(), _CountFusedOps() as counter:
         got = model(**batch).logits
     if DEVICE == "cpu":

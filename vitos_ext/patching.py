@@ -128,6 +128,39 @@ def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor, **image_in
 
 
 @dataclass
+class _ForwardPatches:
+    """Forwards installed on submodule instances, the mode flag they read, and what they replaced (to restore it).
+
+    A replacement of None only sets the flag (a module whose installed forward reads a second mode)."""
+
+    flag: str
+    installed: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)  # (module, previous own forward)
+    flagged: list[torch.nn.Module] = field(default_factory=list)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The modules whose forward was replaced."""
+        return [module for module, _ in self.installed]
+
+    def install(self, replacements: Any, mode: str) -> None:
+        for module, replacement in replacements:
+            if replacement is not None:
+                self.installed.append((module, module.__dict__.get("forward")))
+                module.__dict__["forward"] = types.MethodType(replacement, module)
+            else:
+                self.flagged.append(module)
+            module.__dict__[self.flag] = mode
+
+    def remove(self) -> None:
+        for module, previous in self.installed:
+            _restore_attribute(module, "forward", previous)
+        for module in [*self.modules, *self.flagged]:
+            module.__dict__.pop(self.flag, None)
+        self.installed.clear()
+        self.flagged.clear()
+
+
+@dataclass
 class _PatchState:
     """What patch_model installed on one model (everything unpatch_model must undo)."""
 
@@ -136,13 +169,11 @@ class _PatchState:
     attention: str
     previous: dict[str, Any] = field(default_factory=dict)  # model methods that were instance attributes before
     previous_image_features: Any = None
-    vision_modules: list[torch.nn.Module] = field(default_factory=list)
-    previous_vision_forwards: list[Any] = field(default_factory=list)
+    vision_forwards: _ForwardPatches = field(default_factory=lambda: _ForwardPatches("_vitos_attention"))
     attention_backup: list[tuple[Any, Any]] = field(default_factory=list)
     attention_routed: bool = False
     fused_layers: str = "off"
-    fused_modules: list[torch.nn.Module] = field(default_factory=list)
-    previous_fused_forwards: list[Any] = field(default_factory=list)
+    fused_forwards: _ForwardPatches = field(default_factory=lambda: _ForwardPatches("_vitos_fused"))
 
 
 @dataclass
@@ -272,7 +303,7 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     if state is None:
         return model
     _restore_attention(state)
-    _uninstall_vision_attention(state)
+    state.vision_forwards.remove()
     _set_fused_layers(state, "off")
     for name in _MODEL_METHODS:
         _restore_attribute(model, name, state.previous.get(name))
@@ -310,15 +341,11 @@ def _remove_hooks(module: torch.nn.Module) -> None:
 
 def _set_attention_mode(state: _PatchState, attention: str) -> None:
     _restore_attention(state)
-    _uninstall_vision_attention(state)
+    state.vision_forwards.remove()
     state.attention = attention
     if attention == "model":
         return
-    for module, replacement in state.adapter.vision_forward_replacements(state.model):
-        state.vision_modules.append(module)
-        state.previous_vision_forwards.append(module.__dict__.get("forward"))
-        module.__dict__["forward"] = types.MethodType(replacement, module)
-        module.__dict__["_vitos_attention"] = attention
+    state.vision_forwards.install(state.adapter.vision_forward_replacements(state.model), attention)
     _ensure_language_model_attention(state)
 
 
@@ -334,31 +361,14 @@ def _check_fused_layers(fused_layers: str) -> None:
 
 def _set_fused_layers(state: _PatchState, fused_layers: str) -> None:
     """Install (or, with "off", remove) the fused RMSNorm / gated-MLP forwards and the vision rotary mode."""
-    for module, previous in zip(state.fused_modules, state.previous_fused_forwards):
-        _restore_attribute(module, "forward", previous)
-        module.__dict__.pop("_vitos_fused", None)
-    state.fused_modules.clear()
-    state.previous_fused_forwards.clear()
-    for module in state.adapter.vision_attention_modules(state.model):
-        module.__dict__.pop("_vitos_fused", None)
+    state.fused_forwards.remove()
     state.fused_layers = fused_layers
     if fused_layers == "off":
         return
-    for module, replacement in fused_layer_replacements(state.model):
-        state.fused_modules.append(module)
-        state.previous_fused_forwards.append(module.__dict__.get("forward"))
-        module.__dict__["forward"] = types.MethodType(replacement, module)
-        module.__dict__["_vitos_fused"] = fused_layers
-    for module in state.adapter.vision_attention_modules(state.model):  # their varlen forward applies the rotary
-        module.__dict__["_vitos_fused"] = fused_layers
-
-
-def _uninstall_vision_attention(state: _PatchState) -> None:
-    for module, previous in zip(state.vision_modules, state.previous_vision_forwards):
-        _restore_attribute(module, "forward", previous)
-        module.__dict__.pop("_vitos_attention", None)
-    state.vision_modules.clear()
-    state.previous_vision_forwards.clear()
+    state.fused_forwards.install(fused_layer_replacements(state.model), fused_layers)
+    # the vision attention's varlen forward (installed with the attention mode) applies the rotary: flag only
+    state.fused_forwards.install(((module, None) for module in state.adapter.vision_attention_modules(state.model)),
+                                 fused_layers)
 
 
 def _fast_varlen_device(model: torch.nn.Module) -> bool:
