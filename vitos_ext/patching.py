@@ -869,11 +869,11 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
     kwargs.update(inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask,
                   position_ids=pruned.position_ids)
     adapter.adjust_language_model_kwargs(kwargs, pruned)
-    if pruned.position_ids.dim() == 2 and _packs_by_position(adapter.language_model(model).config):
+    if _packed_prefill_applies(state, request, kwargs):  # states its own sequence bounds
+        _use_packed_layout(state, request, kwargs, pruned.packed_rows, pruned.kept_counts)
+    elif pruned.position_ids.dim() == 2 and _packs_by_position(adapter.language_model(model).config):
         kwargs.update(_explicit_sequence_bounds(pruned))
     adapter.set_rope_deltas(model, pruned)
-    if _packed_prefill_applies(state, request, kwargs):
-        _use_packed_layout(state, request, kwargs, pruned.packed_rows, pruned.kept_counts)
     request.pruned = pruned
     request.generate_kwargs_pending = request.in_generate
     model.__dict__["vitos_last_prefill"] = pruned.without_embeddings()
