@@ -194,6 +194,8 @@ def test_torch_compile_fullgraph_traces_the_fused_ops():
     (lambda: rms_norm(torch.ones(2, 3), torch.ones(4)), ValueError, "weight must have shape"),
     (lambda: rms_norm(torch.ones(2, 3, dtype=torch.int64), torch.ones(3)), TypeError, "x must be a floating-point"),
     (lambda: rms_norm(torch.ones(2, 3), torch.ones(3), backend="cuda"), ValueError, "backend must be one of"),
+    (lambda: rms_norm(torch.ones(2, 3), torch.ones(3), eps="1e-6"), ValueError, "eps must be a float >= 0"),
+    (lambda: rms_norm(torch.ones(2, 3), torch.ones(3), eps=float("nan")), ValueError, "eps must be a float >= 0"),
     (lambda: rms_norm(torch.ones(2, 3, dtype=torch.float64), torch.ones(3), backend="triton"), TypeError,
      "x torch.float64"),
     (lambda: swiglu(torch.ones(2, 3), torch.ones(3, 2)), ValueError, "gate and up must have the same shape"),

@@ -195,6 +195,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: 
         raise ValueError(f"{op}: weight must have shape [N] with N = x.shape[-1]; got x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}")
     _check_same_device(op, "x", x, weight=weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a float >= 0, got {eps!r}")
     if not _use_triton(backend, op, {"x": x, "weight": weight}):
         return rms_norm_reference(x, weight, eps)
     if x.shape[-1] > _kernels.MAX_RMS_NORM_DIM:
