@@ -37,6 +37,7 @@ from vitos_ext.reference import (  # noqa: E402
 # language model on the 77% prompt (1062 tokens, hidden 3584, MLP 18944)
 VISION_ROWS, VISION_HIDDEN, VISION_MLP, VISION_HEADS, VISION_HEAD_DIM = 5184, 1280, 3420, 16, 80
 TEXT_ROWS, TEXT_HIDDEN, TEXT_MLP = 1062, 3584, 18944
+TEXT_HEADS, TEXT_KV_HEADS, TEXT_HEAD_DIM = 28, 4, 128
 
 
 def mask_rows():
@@ -117,7 +118,27 @@ def _fused_cases():
                   lambda q, k: vitos_ext.rotary_embedding(q, k, cos, sin),
                   lambda q, k: rotary_embedding_reference(q, k, cos, sin), (qkv[:, 0], qkv[:, 1]),
                   4 * elems * 2 + tables, 8 * elems * 2 + 2 * tables))
+    cases.append(_text_rotary_case(bf16))
     return cases
+
+
+def _text_rotary_case(bf16):
+    """The language model's rotary (every layer of the 77% prefill): transformers' apply_rotary_pos_emb on the
+    transposed [1, H, L, D] projections with bf16 tables vs the fused op patch_model binds in its place."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from vitos_ext.models.fused_layers import _fused_text_rotary
+
+    rows, dim = TEXT_ROWS, TEXT_HEAD_DIM
+    q = torch.randn(1, rows, TEXT_HEADS, dim, **bf16).transpose(1, 2)
+    k = torch.randn(1, rows, TEXT_KV_HEADS, dim, **bf16).transpose(1, 2)
+    angles = torch.randn(1, rows, dim // 2, device="cuda") * 10
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    elems = rows * (TEXT_HEADS + TEXT_KV_HEADS) * dim
+    tables = 2 * rows * dim * 2
+    return (f"rotary LM q,k [{rows}, {TEXT_HEADS}+{TEXT_KV_HEADS}, {dim}] (apply_rotary_pos_emb)",
+            lambda q, k: _fused_text_rotary(q, k, cos, sin), lambda q, k: apply_rotary_pos_emb(q, k, cos, sin),
+            (q, k), 2 * elems * 2 + tables, 4 * elems * 2 + 2 * tables)
 
 
 def fused_rows(ceiling_gbs):

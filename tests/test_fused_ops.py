@@ -145,6 +145,46 @@ def test_rotary_matches_reference_on_strided_qkv_views(heads_q, heads_k, head_di
         torch.testing.assert_close(g, w, **_tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_input_precision_matches_the_language_model_helper(dtype):
+    # the language models' apply_rotary_pos_emb: [B, H, L, D] queries / keys, [B, L, D] tables in the same dtype
+    batch, heads_q, heads_k, length, dim = 2, 4, 2, 5, 16
+    q = _randn(batch, length, heads_q, dim, dtype=dtype).transpose(1, 2)  # the transposed projection output
+    k = _randn(batch, length, heads_k, dim, dtype=dtype, seed=1).transpose(1, 2)
+    angles = _randn(batch, length, dim // 2, seed=2, scale=3)
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+
+    def hf_helper(q, k):  # transformers' apply_rotary_pos_emb, written out
+        def rotate_half(x):
+            return torch.cat((-x[..., dim // 2:], x[..., : dim // 2]), dim=-1)
+        return (q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1),
+                k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1))
+
+    def fused(q, k):
+        flat = [x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (q, k)]
+        tables = [t.reshape(batch * length, dim) for t in (cos, sin)]
+        outs = rotary_embedding(*flat, *tables, backend="triton", precision="input")
+        return tuple(o.view(batch, length, -1, dim).transpose(1, 2) for o in outs)
+
+    def reference(q, k):
+        flat = [x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (q, k)]
+        tables = [t.reshape(batch * length, dim) for t in (cos, sin)]
+        outs = rotary_embedding_reference(*flat, *tables, precision="input")
+        return tuple(o.view(batch, length, -1, dim).transpose(1, 2) for o in outs)
+
+    grads_out = (_randn(batch, heads_q, length, dim, dtype=dtype, seed=3),
+                 _randn(batch, heads_k, length, dim, dtype=dtype, seed=4))
+    want, want_grads = _grads(hf_helper, [q, k], grads_out)
+    for fn in (reference, fused):
+        got, got_grads = _grads(fn, [q, k], grads_out)
+        for g, w in zip(got + got_grads, want + want_grads):
+            assert g.dtype == dtype
+            if fn is reference:  # the same eager ops: bit for bit
+                assert torch.equal(g, w)
+            else:
+                torch.testing.assert_close(g, w, **_tolerance(dtype))
+
+
 def test_rotary_with_unequal_halves_and_differentiable_tables():
     # the kernel reads both halves of cos/sin (no assumption that they repeat)
     q, k = _randn(5, 2, 8), _randn(5, 3, 8, seed=1)
@@ -173,8 +213,9 @@ def test_opcheck_every_fused_op():
     torch.library.opcheck(torch.ops.vitos.swiglu_fwd.default, (gate, up))
     torch.library.opcheck(torch.ops.vitos.swiglu_bwd.default, (torch.ones(4, 9), gate.detach(), up.detach()))
     q = _randn(3, 2, 8).requires_grad_()
-    torch.library.opcheck(torch.ops.vitos.rotary_embedding.default, (q, _randn(3, 8, seed=3), _randn(3, 8, seed=4),
-                                                                     False))
+    for round_products in (False, True):
+        torch.library.opcheck(torch.ops.vitos.rotary_embedding.default,
+                              (q, _randn(3, 8, seed=3), _randn(3, 8, seed=4), False, round_products))
 
 
 def test_torch_compile_fullgraph_traces_the_fused_ops():
@@ -208,6 +249,8 @@ def test_torch_compile_fullgraph_traces_the_fused_ops():
      ValueError, "k must have q's token count"),
     (lambda: rotary_embedding(torch.ones(2, 1, 4), torch.ones(2, 1, 4), torch.ones(2, 3), torch.ones(2, 4)),
      ValueError, "cos must have shape"),
+    (lambda: rotary_embedding(torch.ones(2, 1, 4), torch.ones(2, 1, 4), torch.ones(2, 4), torch.ones(2, 4),
+                              precision="bf16"), ValueError, "precision must be one of"),
 ])
 def test_bad_input_names_the_argument(call, error, message):
     with pytest.raises(error, match=message):
@@ -268,6 +311,62 @@ def test_fused_layers_match_the_model_forward_and_backward(family):
                                    msg=lambda m, name=name: f"{name}: {m}")
     patching.unpatch_model(model)
     assert not any("forward" in m.__dict__ or "_vitos_fused" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_language_model_rotary_runs_fused_and_leaves_other_instances_alone(family):
+    import sys
+
+    patched, plain = build_model(family).to(DEVICE), build_model(family).to(DEVICE)
+    attention_classes = {type(m) for m in plain.modules() if type(m).__name__ in fused_layers.TEXT_ATTENTION_CLASSES}
+    assert len(attention_classes) == 1
+    attention_class = attention_classes.pop()
+    module = sys.modules[attention_class.__module__]
+    helper, class_forward = module.apply_rotary_pos_emb, attention_class.forward
+    patching.patch_model(patched, attention="varlen", fused_layers="on")
+    batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+             for k, v in make_batch(family, plain, PROMPTS).items()}
+    layers = plain.config.text_config.num_hidden_layers
+    vision_rotary = 0 if family.is_llava else 2 * len(plain.model.visual.blocks)
+    with torch.no_grad():
+        with _CountFusedOps() as counter:
+            got = patched(**batch).logits
+        assert counter.calls.get("rotary_embedding") == 2 * layers + vision_rotary  # q and k of every layer
+        with _CountFusedOps() as counter:
+            want = plain(**batch).logits
+        assert not counter.calls  # a second, unpatched instance of the same classes runs the eager code
+    real = batch["attention_mask"].bool()  # varlen attention leaves padding rows out
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    assert module.apply_rotary_pos_emb is helper and attention_class.forward is class_forward
+    patching.unpatch_model(patched)
+    assert not any("forward" in m.__dict__ for m in patched.modules())
+
+
+def test_rotary_rebinding_keeps_decorators_and_skips_forwards_without_the_helper():
+    import functools
+
+    from vitos_ext.models.fused_layers import fused_rotary_attention_forward
+
+    def renames_kwarg(func):  # a functools.wraps decorator, as transformers' deprecate_kwarg
+        @functools.wraps(func)
+        def wrapper(self, *args, **kwargs):
+            if "old" in kwargs:
+                kwargs["new"] = kwargs.pop("old")
+            return func(self, *args, **kwargs)
+        return wrapper
+
+    namespace = {"apply_rotary_pos_emb": lambda q, k, cos, sin, unsqueeze_dim=1: ("eager", q, k)}
+    exec("def forward(self, q, k, new=None):\n    return apply_rotary_pos_emb(q, k, new, new)\n"
+         "def other(self, q, k):\n    return q\n", namespace)
+    with_helper = type("LlamaAttention", (), {"forward": renames_kwarg(namespace["forward"])})
+    without_helper = type("LlamaAttention", (), {"forward": namespace["other"]})
+    assert fused_rotary_attention_forward(without_helper, "on") is None
+    rebound = fused_rotary_attention_forward(with_helper, "on")
+    assert rebound is not with_helper.forward and rebound.__wrapped__ is not with_helper.forward.__wrapped__
+    x = torch.ones(1, 1, 2, 4, dtype=torch.float64)  # float64: the wrapper hands the call to the eager helper
+    assert rebound(None, x, x, old=torch.ones(1, 2, 4, dtype=torch.float64))[0] == "eager"
+    assert fused_rotary_attention_forward(with_helper, "on") is rebound  # one function per class and mode
+    assert namespace["forward"].__globals__["apply_rotary_pos_emb"] is namespace["apply_rotary_pos_emb"]
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -356,8 +455,17 @@ def test_gpu_low_precision_results_equal_the_eager_code_almost_everywhere(dtype)
     q, k = qkv[:, 0], qkv[:, 1]
     angles = _randn(4096, 40, seed=5, scale=10)
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    # the language models' rotary: transposed [B, H, L, D] projections, tables in the model dtype
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    text_q = _randn(2, 1024, 28, 128, dtype=dtype, seed=6).transpose(1, 2)
+    text_k = _randn(2, 1024, 4, 128, dtype=dtype, seed=7).transpose(1, 2)
+    text_angles = _randn(2, 1024, 64, seed=8, scale=100)
+    text_cos, text_sin = (f(torch.cat([text_angles, text_angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
     pairs = [(rms_norm(x, weight), rms_norm_reference(x, weight)), (swiglu(gate, up), swiglu_reference(gate, up)),
-             *zip(rotary_embedding(q, k, cos, sin), rotary_embedding_reference(q, k, cos, sin))]
+             *zip(rotary_embedding(q, k, cos, sin), rotary_embedding_reference(q, k, cos, sin)),
+             *zip(fused_layers._fused_text_rotary(text_q, text_k, text_cos, text_sin),
+                  apply_rotary_pos_emb(text_q, text_k, text_cos, text_sin))]
     for got, want in pairs:
         assert (got == want).float().mean() > 0.99  # the rest differ by one rounding step (reduction order, FMA)
         torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
@@ -394,7 +502,10 @@ for name, kernel, consts, warps in (
         ("rms_bwd_3584", K._rms_norm_bwd_kernel, {"BLOCK_N": 4096}, 16),
         ("swiglu_fwd", K._swiglu_fwd_kernel, {"BLOCK": 1024}, 4),
         ("swiglu_bwd", K._swiglu_bwd_kernel, {"BLOCK": 1024}, 4),
-        ("rotary_16x80", K._rotary_kernel, {"HALF": 40, "BACKWARD": False, "BLOCK_H": 16, "BLOCK_D": 64}, 4)):
+        ("rotary_16x80", K._rotary_kernel,
+         {"HALF": 40, "BACKWARD": False, "ROUND_PRODUCTS": False, "BLOCK_H": 16, "BLOCK_D": 64}, 4),
+        ("rotary_text_28x128", K._rotary_kernel,
+         {"HALF": 64, "BACKWARD": False, "ROUND_PRODUCTS": True, "BLOCK_H": 32, "BLOCK_D": 64}, 8)):
     compiled = triton.compile(source(kernel, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
     report[name] = {"cubin_bytes": len(compiled.asm["cubin"]), "vector_loads": ptx.count("ld.global.v4"),
@@ -405,11 +516,12 @@ print(json.dumps(report))
 
 def test_fused_kernels_cross_compile_for_hopper():
     """The real Triton pipeline (not the interpreter) lowers every fused kernel to sm_90 code at the block sizes
-    the 7B vision tower and language model use (rows of 1280 and 3584, 16 heads x 80), with vectorized loads."""
+    the 7B vision tower and language model use (rows of 1280 and 3584, 16 heads x 80, 28 heads x 128), with
+    vectorized loads."""
     from hopper_compile import compile_report
 
     report = compile_report(_HOPPER_COMPILE_SCRIPT)
-    assert len(report) == 5
+    assert len(report) == 6
     for name, info in report.items():
         assert info["cubin_bytes"] > 0
         # memory-bound kernels: 16-byte accesses (8 bf16), never element by element

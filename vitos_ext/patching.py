@@ -253,7 +253,7 @@ def patch_model(model: torch.nn.Module, attention: str = "auto", fused_layers: s
         model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA *ForConditionalGeneration instance.
         attention: "auto" (varlen attention for the vision tower and language model where a fast backend exists for
             the model's device, i.e. CUDA; elsewhere the model's own attention), "varlen" (always), "model" (never).
-        fused_layers: RMSNorm, SiLU gated MLP and vision rotary embedding of the vision tower and the language model
+        fused_layers: RMSNorm, SiLU gated MLP and rotary embedding of the vision tower and the language model
             as one Triton kernel each (vitos_ext.rms_norm / swiglu / rotary_embedding) instead of 5-16 eager ops:
             "auto" (on CUDA devices where Triton runs; elsewhere the modules' own forwards), "on" (always; CPU
             tensors need TRITON_INTERPRET=1), "off". Same results as the modules' own forwards up to float rounding.
@@ -360,12 +360,13 @@ def _check_fused_layers(fused_layers: str) -> None:
 
 
 def _set_fused_layers(state: _PatchState, fused_layers: str) -> None:
-    """Install (or, with "off", remove) the fused RMSNorm / gated-MLP forwards and the vision rotary mode."""
+    """Install (or, with "off", remove) the fused RMSNorm / gated-MLP / text-attention forwards and the vision
+    rotary mode."""
     state.fused_forwards.remove()
     state.fused_layers = fused_layers
     if fused_layers == "off":
         return
-    state.fused_forwards.install(fused_layer_replacements(state.model), fused_layers)
+    state.fused_forwards.install(fused_layer_replacements(state.model, fused_layers), fused_layers)
     # the vision attention's varlen forward (installed with the attention mode) applies the rotary: flag only
     state.fused_forwards.install(((module, None) for module in state.adapter.vision_attention_modules(state.model)),
                                  fused_layers)

@@ -220,17 +220,20 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def rotary_embedding_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding over the two halves of the head dim in float32, as Qwen-VL vision towers apply it.
+def rotary_embedding_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                               precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding over the two halves of the head dim, as Hugging Face applies it.
 
     q [S, Hq, D], k [S, Hk, D], cos/sin [S, D] -> (q * cos + rotate_half(q) * sin, same for k), each in its input
-    dtype, where rotate_half(x) = [-x[..., D/2:], x[..., :D/2]]."""
+    dtype, where rotate_half(x) = [-x[..., D/2:], x[..., :D/2]]. precision "float32": float32 math rounded once
+    (apply_rotary_pos_emb_vision); "input": the same ops in x's dtype with cos / sin cast to it, each rounding on its
+    own (apply_rotary_pos_emb of the language models)."""
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        math_dtype = torch.float32 if precision == "float32" else x.dtype
+        xm = x.to(math_dtype)
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-        return (x32 * cos.unsqueeze(-2).float() + rotated * sin.unsqueeze(-2).float()).to(x.dtype)
+        rotated = torch.cat((-xm[..., half:], xm[..., :half]), dim=-1)
+        return (xm * cos.unsqueeze(-2).to(math_dtype) + rotated * sin.unsqueeze(-2).to(math_dtype)).to(x.dtype)
 
     return rotate(q), rotate(k)

@@ -10,6 +10,7 @@ Layouts (all kernels take explicit strides; the last dim must be contiguous):
     rms_norm:  x [R, N] -> out [R, N], rstd float32 [R] (saved for backward)
     swiglu:    gate, up [E] (flat, contiguous) -> silu(gate) * up [E]
     rotary:    x [S, H, D] with cos, sin [S, D]; out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+               (float32 math as the Qwen-VL vision helper, or each product rounded to x's dtype as the text helper)
 """
 
 from __future__ import annotations
@@ -181,10 +182,12 @@ def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
 
 @triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xs, stride_xh, stride_cs, stride_ss,
-                   stride_os, stride_oh, HALF: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   stride_os, stride_oh, HALF: tl.constexpr, BACKWARD: tl.constexpr, ROUND_PRODUCTS: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     # one program: one token, all heads. Forward:  o1 = x1 c1 - x2 s1,  o2 = x2 c2 + x1 s2.
     # Backward (transpose of that linear map):     g1 = d1 c1 + d2 s2,  g2 = d2 c2 - d1 s1.
+    # ROUND_PRODUCTS rounds each product to x's dtype before the sum, as the text helper's separate eager ops in
+    # that dtype do (and as their autograd does for the gradient), so results match those ops bit for bit on GPUs.
     s = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
@@ -197,20 +200,26 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xs, strid
     x1 = tl.load(x_row + dims, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + dims, mask=ok, other=0.0).to(tl.float32)
     if BACKWARD:
-        o1 = x1 * c1 + x2 * s2
-        o2 = x2 * c2 - x1 * s1
+        a1, b1, a2, b2 = x1 * c1, x2 * s2, x2 * c2, -(x1 * s1)
     else:
-        o1 = x1 * c1 - x2 * s1
-        o2 = x2 * c2 + x1 * s2
+        a1, b1, a2, b2 = x1 * c1, -(x2 * s1), x2 * c2, x1 * s2
+    if ROUND_PRODUCTS:
+        dtype = x_ptr.dtype.element_ty
+        a1, b1 = a1.to(dtype).to(tl.float32), b1.to(dtype).to(tl.float32)
+        a2, b2 = a2.to(dtype).to(tl.float32), b2.to(dtype).to(tl.float32)
+    o1 = a1 + b1
+    o2 = a2 + b2
     out_row = out_ptr + s * stride_os + heads * stride_oh
     tl.store(out_row + dims, o1.to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(out_row + HALF + dims, o2.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False,
+                   round_products: bool = False) -> torch.Tensor:
     """x [S, H, D] (last dim contiguous), cos/sin [S, D] (last dim contiguous) -> contiguous [S, H, D], x.dtype.
 
-    backward=True applies the transposed map (the gradient of the forward with respect to x)."""
+    backward=True applies the transposed map (the gradient of the forward with respect to x); round_products=True
+    rounds each product to x's dtype before the sum (eager ops in x's dtype) instead of one rounding at the end."""
     seq, heads, dim = x.shape
     out = torch.empty((seq, heads, dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -222,5 +231,6 @@ def rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwa
     # vector loads for head dims such as 80, which runtime divisibility (by 16 only) would not
     traceable(_rotary_kernel)[(seq,)](
         x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), out.stride(0),
-        out.stride(1), HALF=half, BACKWARD=bool(backward), BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
+        out.stride(1), HALF=half, BACKWARD=bool(backward),
+        ROUND_PRODUCTS=bool(round_products), BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps)
     return out

@@ -21,9 +21,10 @@ try:
 except ImportError:  # triton is not installed: only the references exist
     _kernels = None
 
-__all__ = ["FUSED_BACKENDS", "fused_kernels_available", "rms_norm", "rotary_embedding", "swiglu"]
+__all__ = ["FUSED_BACKENDS", "ROTARY_PRECISIONS", "fused_kernels_available", "rms_norm", "rotary_embedding", "swiglu"]
 
 FUSED_BACKENDS = ("auto", "triton", "reference")
+ROTARY_PRECISIONS = ("float32", "input")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -81,9 +82,10 @@ def _swiglu_kernels(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _kernels.swiglu_forward(gate.contiguous(), up.contiguous(), gate.dtype)
 
 
-def _rotary_kernels(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+def _rotary_kernels(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
+                    round_products: bool) -> torch.Tensor:
     return _kernels.rotary_forward(last_dim_contiguous(x), last_dim_contiguous(cos), last_dim_contiguous(sin),
-                                   backward)
+                                   backward, round_products)
 
 
 def _rms_fwd_fake(x, weight, eps):
@@ -103,7 +105,7 @@ def _swiglu_bwd_fake(dout, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
-def _rotary_fake(x, cos, sin, backward):
+def _rotary_fake(x, cos, sin, backward, round_products):
     return x.new_empty(x.shape)
 
 
@@ -153,18 +155,21 @@ if _kernels is not None:
     _swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 
     @define_triton_op("vitos::rotary_embedding", _rotary_fake, _kernels.INTERPRET)
-    def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-        """x [S, H, D], cos/sin [S, D] -> rotated contiguous [S, H, D] (the transposed map if backward)."""
-        return _rotary_kernels(x, cos, sin, backward)
+    def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
+                round_products: bool) -> torch.Tensor:
+        """x [S, H, D], cos/sin [S, D] -> rotated contiguous [S, H, D] (the transposed map if backward; each
+        product rounded to x's dtype before the sum if round_products)."""
+        return _rotary_kernels(x, cos, sin, backward, round_products)
 
     def _rotary_setup_context(ctx, inputs, output):
-        _, cos, sin, backward = inputs
+        _, cos, sin, backward, round_products = inputs
         ctx.save_for_backward(cos, sin)
-        ctx.backward = backward
+        ctx.backward, ctx.round_products = backward, round_products
 
     def _rotary_backward(ctx, grad_out):
         cos, sin = ctx.saved_tensors
-        return torch.ops.vitos.rotary_embedding(grad_out, cos, sin, not ctx.backward), None, None, None
+        grad = torch.ops.vitos.rotary_embedding(grad_out, cos, sin, not ctx.backward, ctx.round_products)
+        return grad, None, None, None, None
 
     _rotary.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
 
@@ -233,11 +238,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding over the two halves of the head dim (Qwen-VL vision towers), one kernel per tensor.
+                     backend: str = "auto", *, precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding over the two halves of the head dim, one kernel per tensor.
 
-    Computes x * cos + rotate_half(x) * sin in float32 with rotate_half(x) = [-x[..., D/2:], x[..., :D/2]], and
-    rounds to x's dtype (Hugging Face's apply_rotary_pos_emb_vision).
+    Computes x * cos + rotate_half(x) * sin with rotate_half(x) = [-x[..., D/2:], x[..., :D/2]], for x = q and k.
 
     Args:
         q: [S, Hq, D] queries, k: [S, Hk, D] keys (strided views such as the unbound qkv projection are fine as
@@ -245,6 +249,10 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
         cos, sin: [S, D] (any float dtype; read as float32). Not differentiated: gradients flow to q and k only, so
             cos / sin that require grad use the reference backend.
         backend: "auto" | "triton" | "reference".
+        precision: where the math rounds. "float32": float32 math, one rounding to x's dtype at the end (Hugging
+            Face's apply_rotary_pos_emb_vision, Qwen-VL vision towers). "input": each product rounded to x's dtype
+            before the sum, as the eager ops of apply_rotary_pos_emb (language models: Llama, Qwen2, Qwen-VL text)
+            compute it when x, cos and sin share a low-precision dtype; cos / sin should already be in x's dtype.
 
     Returns:
         (q_rotated, k_rotated), contiguous, dtypes of q and k.
@@ -252,6 +260,8 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     op = "rotary_embedding"
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         _check_tensor(op, name, t)
+    if precision not in ROTARY_PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of {ROTARY_PRECISIONS}, got {precision!r}")
     for name, t in (("q", q), ("k", k)):
         if t.dim() != 3:
             raise ValueError(f"{op}: {name} must be 3-D [tokens, heads, head_dim], got shape {tuple(t.shape)}")
@@ -266,6 +276,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     _check_same_device(op, "q", q, k=k, cos=cos, sin=sin)
     tables_need_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
     if tables_need_grad or not _use_triton(backend, op, {"q": q, "k": k, "cos": cos, "sin": sin}):
-        return rotary_embedding_reference(q, k, cos, sin)
+        return rotary_embedding_reference(q, k, cos, sin, precision=precision)
     forward = _rotary_kernels if eager_fast_path(q, k, cos, sin) else torch.ops.vitos.rotary_embedding
-    return forward(q, cos, sin, False), forward(k, cos, sin, False)
+    round_products = precision == "input"
+    return forward(q, cos, sin, False, round_products), forward(k, cos, sin, False, round_products)
