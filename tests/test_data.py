@@ -153,6 +153,40 @@ def test_lookalikes_are_elongated_distractors():
         make_phantom_record(0, lookalikes=True)
 
 
+def test_mimics_leave_records_and_lesions_alone():
+    drawn = 0
+    for index in range(8):
+        plain, plain_image = make_phantom_record(index, seed=5, image_size=112)
+        assert make_phantom_record(index, seed=5, image_size=112, mimics=0)[1].tobytes() == plain_image.tobytes()
+        record, image = make_phantom_record(index, seed=5, image_size=112, mimics=1)
+        assert record == plain  # mimics are not findings
+        changed = np.abs(np.asarray(image, dtype=np.float64) - np.asarray(plain_image, dtype=np.float64)) > 60
+        drawn += changed.sum() > 200
+        ys, xs = np.mgrid[0:112, 0:112] + 0.5
+        for x1, y1, x2, y2 in record["bbox"]:
+            in_box = (xs >= x1 * 112) & (xs <= x2 * 112) & (ys >= y1 * 112) & (ys <= y2 * 112)
+            assert not changed[in_box].any(), "mimics stay clear of the lesions"
+    assert drawn >= 4  # placement may find no room in a crowded scan, but mostly it does
+
+
+@pytest.mark.parametrize("kind", LESION_CLASSES)
+def test_mimics_are_organ_sized_with_another_class_texture(kind):
+    lesion = Lesion(kind, center=(0.3, 0.4), radius=0.07)
+    for seed in range(2, 12):  # the first seed with room for a mimic
+        plain = np.asarray(make_scan_like_image(224, [lesion], seed=seed).image, dtype=np.float64)
+        scan = make_scan_like_image(224, [lesion], seed=seed, mimics=1)
+        changed = np.abs(np.asarray(scan.image, dtype=np.float64) - plain) > 60
+        if changed.sum():
+            break
+    assert scan.boxes == make_scan_like_image(224, [lesion], seed=seed).boxes
+    ys, xs = np.nonzero(changed)
+    assert max(np.ptp(xs), np.ptp(ys)) > 2 * 0.085 * 224, "larger than any lesion (diameter <= 0.17 of the side)"
+    with pytest.raises(ValueError, match="mimics"):
+        make_scan_like_image(112, ["hypodense cyst"], mimics=-1)
+    with pytest.raises(ValueError, match="mimics"):
+        make_phantom_record(0, mimics=1.5)
+
+
 def test_make_scan_like_image_validates_arguments():
     scan = make_scan_like_image((140, 112), ["hypodense cyst", "hypodense cyst"], seed=1)
     assert scan.image.size == (140, 112) and scan.kinds == ["hypodense cyst"] * 2 and len(scan.boxes) == 2

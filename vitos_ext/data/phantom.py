@@ -52,6 +52,9 @@ _SECOND_LESION_PROBABILITY = 0.3
 _TISSUE = 0.42  # soft-tissue gray level that lesions are drawn against
 # look-alikes (vessels, bowel loops, calcified plaques): elongated, so shape tells them from the round lesions
 _LOOKALIKE_ASPECT = (2.6, 3.4)
+# mimics (contrast-filled bowel, fluid-filled organs, calcified masses): organ-sized, so size tells them from lesions
+_MIMIC_SEMI_AXIS = (0.15, 0.2)  # fraction of min(width, height); lesions' radii are 0.055-0.085
+_MIMIC_ROUNDNESS = (0.75, 1.0)  # short / long semi-axis
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,62 @@ def _draw_lookalikes(canvas: np.ndarray, rng: np.random.Generator, count: int, a
             break
 
 
+def _draw_textured_region(canvas: np.ndarray, rng: np.random.Generator, kind: str, inside: np.ndarray,
+                          core: np.ndarray, dot_centers: list[tuple[float, float]], dot_radius: float) -> None:
+    """Paint a region (soft mask ``inside``; ``core`` its inner part for the ring class) with the look of ``kind``."""
+    height, width = canvas.shape
+    xs, ys = _grid(width, height)
+    if kind == "hyperdense nodule":
+        _blend(canvas, inside, 0.92)
+    elif kind == "hypodense cyst":
+        _blend(canvas, inside, 0.08)
+    elif kind == "ring-enhancing lesion":
+        _blend(canvas, inside, 0.92)
+        _blend(canvas, core, 0.14)
+    else:  # speckled: bright dots over flat tissue
+        _blend(canvas, inside, _TISSUE)
+        for dx, dy in dot_centers:
+            _blend(canvas, _disk_coverage(xs, ys, dx, dy, dot_radius), 0.97)
+
+
+def _draw_mimics(canvas: np.ndarray, rng: np.random.Generator, count: int, avoid_kind: str,
+                 lesions: Sequence[Lesion], body: _Body) -> None:
+    """``count`` organ-sized structures with the look of lesion classes other than ``avoid_kind``, clear of the
+    lesions: the same textures as the lesions, only much larger (their size is what tells them apart)."""
+    height, width = canvas.shape
+    side = min(width, height)
+    xs, ys = _grid(width, height)
+    kinds = [k for k in LESION_CLASSES if k != avoid_kind]
+    taken = [(lesion.center[0] * width, lesion.center[1] * height, lesion.radius * side) for lesion in lesions]
+    for _ in range(count):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        for _ in range(200):
+            long_axis = rng.uniform(*_MIMIC_SEMI_AXIS) * side
+            short_axis = long_axis * rng.uniform(*_MIMIC_ROUNDNESS)
+            angle = rng.uniform(0.0, math.pi)
+            cx, cy = _body_point(rng, body)
+            if _touches_spine(cx, cy, long_axis, body):
+                continue
+            rim = [(cx + long_axis * math.cos(a), cy + long_axis * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 12)]
+            if any(math.hypot((x - body.cx) / body.ax, (y - body.cy) / body.ay) > 0.85 for x, y in rim):
+                continue  # inside the soft tissue
+            if any(math.hypot(cx - x, cy - y) < long_axis + r + 3 for x, y, r in taken):
+                continue
+            radius_map = _ellipse_radius(xs, ys, cx, cy, long_axis, short_axis, angle)
+            inside = _soft_inside(radius_map, 1.0 / short_axis)
+            core = _soft_inside(radius_map / 0.55, 1.0 / short_axis)
+            dot_radius = max(0.9, 0.17 * 0.07 * side)  # the lesions' dots
+            dots = []
+            for _ in range(int(rng.integers(14, 22))):
+                a, d = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform()) * 0.85
+                dots.append((cx + d * long_axis * math.cos(a) * math.cos(angle) - d * short_axis * math.sin(a)
+                             * math.sin(angle), cy + d * long_axis * math.cos(a) * math.sin(angle)
+                             + d * short_axis * math.sin(a) * math.cos(angle)))
+            _draw_textured_region(canvas, rng, kind, inside, core, dots, dot_radius)
+            taken.append((cx, cy, long_axis))
+            break
+
+
 def _place_lesions(
     rng: np.random.Generator, kinds: Sequence[str], width: int, height: int, body: _Body
 ) -> list[Lesion]:
@@ -288,9 +347,13 @@ def _place_lesions(
     return placed
 
 
+def _check_count(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
 def _check_lookalikes(lookalikes) -> None:
-    if not isinstance(lookalikes, int) or isinstance(lookalikes, bool) or lookalikes < 0:
-        raise ValueError(f"lookalikes must be an int >= 0, got {lookalikes!r}")
+    _check_count("lookalikes", lookalikes)
 
 
 def _size(image_size) -> tuple[int, int]:
@@ -306,7 +369,7 @@ def _size(image_size) -> tuple[int, int]:
     return width, height
 
 
-def make_scan_like_image(image_size=112, lesions=None, seed=0, lookalikes: int = 0) -> ScanImage:
+def make_scan_like_image(image_size=112, lesions=None, seed=0, lookalikes: int = 0, mimics: int = 0) -> ScanImage:
     """Render one scan-like grayscale image with known lesion boxes.
 
     Args:
@@ -318,6 +381,9 @@ def make_scan_like_image(image_size=112, lesions=None, seed=0, lookalikes: int =
             like a lesion class other than the first lesion's, placed clear of the lesions. They are not lesions:
             no box, not the answer; only their shape (elongated, lesions are round) tells them apart. 0 draws none
             and leaves the image exactly as without this argument.
+        mimics: number of organ-sized structures (contrast-filled bowel, fluid-filled organs, calcified masses) with
+            the texture of a lesion class other than the first lesion's, placed clear of the lesions. Not lesions: no box, not the answer; their size (semi-axes 0.15-0.2 of the image side against
+            lesion radii of 0.055-0.085) tells them apart. 0 draws none and leaves the image exactly as without it.
 
     Returns:
         :class:`ScanImage` with ``image`` (PIL "L", ``image_size``), ``lesions`` and normalized ``boxes``
@@ -338,8 +404,11 @@ def make_scan_like_image(image_size=112, lesions=None, seed=0, lookalikes: int =
     placed = iter(_place_lesions(rng, random_kinds, width, height, body))
     resolved = [item if isinstance(item, Lesion) else next(placed) for item in lesions]
     _check_lookalikes(lookalikes)
+    _check_count("mimics", mimics)
     for lesion in resolved:
         _draw_lesion(canvas, rng, lesion)
+    if mimics and resolved:  # after the lesions, so that these are drawn exactly as without mimics
+        _draw_mimics(canvas, rng, mimics, resolved[0].kind, resolved, body)
     if lookalikes and resolved:
         _draw_lookalikes(canvas, rng, lookalikes, resolved[0].kind, resolved, body)
     canvas += 0.012 * rng.standard_normal(canvas.shape)  # acquisition noise, after the lesions like in a scan
@@ -369,13 +438,15 @@ def make_phantom_record(
     max_lesions: int = 2,
     shuffle_options: bool = False,
     lookalikes: int = 0,
+    mimics: int = 0,
 ) -> tuple[dict, Image.Image]:
     """Build sample ``index`` of a phantom dataset: its JSON record (without ``image_path``) and its image.
 
     The class is balanced over consecutive indices (``(index + offset(seed)) % 4``); the number of lesions is 1,
     or 2 with probability 0.3 when ``max_lesions >= 2``. Option order is fixed (A = hyperdense nodule, ...) unless
-    ``shuffle_options`` is True. ``lookalikes`` > 0 adds 1 to ``lookalikes`` distractors per image (see
-    :func:`make_scan_like_image`); 0 leaves every record and image exactly as before the option existed.
+    ``shuffle_options`` is True. ``lookalikes`` > 0 adds 1 to ``lookalikes`` distractors per image and ``mimics``
+    > 0 adds 1 to ``mimics`` organ-sized mimics (see :func:`make_scan_like_image`); 0 leaves every record and image
+    exactly as before the option existed.
 
     Returns:
         (record, image) where record has ``question`` (``"<image>"`` + question + inline options), ``answer``
@@ -392,8 +463,11 @@ def make_phantom_record(
     _check_lookalikes(lookalikes)
     count = 2 if max_lesions >= 2 and rng.uniform() < _SECOND_LESION_PROBABILITY else 1
     image_seed = rng.integers(2**63 - 1)
+    _check_count("mimics", mimics)
     distractors = int(rng.integers(1, lookalikes + 1)) if lookalikes else 0
-    scan = make_scan_like_image(image_size, [kind] * count, seed=image_seed, lookalikes=distractors)
+    organ_mimics = int(rng.integers(1, mimics + 1)) if mimics else 0
+    scan = make_scan_like_image(image_size, [kind] * count, seed=image_seed, lookalikes=distractors,
+                                mimics=organ_mimics)
 
     order = list(LESION_CLASSES)
     if shuffle_options:
@@ -422,12 +496,13 @@ def write_phantom_dataset(
     max_lesions: int = 2,
     shuffle_options: bool = False,
     lookalikes: int = 0,
+    mimics: int = 0,
 ) -> Path:
     """Write a phantom dataset in the ViToS JSON format: ``{out_dir}/{split}.json`` + ``{out_dir}/images/*.png``.
 
     Image paths in the JSON are relative to ``out_dir`` (the loader resolves them against the JSON's folder).
-    Use different ``seed`` values for train and test splits. See :func:`make_phantom_record` for the fields and
-    ``lookalikes`` (distractor structures).
+    Use different ``seed`` values for train and test splits. See :func:`make_phantom_record` for the fields,
+    ``lookalikes`` (lesion-sized distractors) and ``mimics`` (organ-sized ones).
 
     Returns:
         Path of the JSON file.
@@ -440,7 +515,8 @@ def write_phantom_dataset(
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(num_samples):
-        record, image = make_phantom_record(index, seed, image_size, max_lesions, shuffle_options, lookalikes)
+        record, image = make_phantom_record(index, seed, image_size, max_lesions, shuffle_options, lookalikes,
+                                            mimics)
         relative = f"images/{split}_{index:05d}.png"
         image.save(out_dir / relative, format="PNG")
         records.append({"image_path": [relative], **record})

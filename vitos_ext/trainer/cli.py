@@ -41,6 +41,7 @@ class PresetSpec:
             never saw; 0: the warm-up uses the training scans.
         image_size: phantom image side in pixels; the processor resizes to exactly this (min = max pixels).
         lookalikes: up to this many distractor structures per phantom scan (vitos_ext.data.write_phantom_dataset).
+        mimics: up to this many organ-sized structures with another lesion class's texture per phantom scan.
         text_config / vision_config: overrides of the tiny Qwen2.5-VL architecture.
         config: TrainerConfig fields.
     """
@@ -50,6 +51,7 @@ class PresetSpec:
     eval_samples: int
     image_size: int
     lookalikes: int = 0
+    mimics: int = 0
     sft_samples: int = 0
     text_config: dict[str, Any] = field(default_factory=dict)
     vision_config: dict[str, Any] = field(default_factory=dict)
@@ -103,7 +105,7 @@ def _write_phantom(data_dir: Path, spec: PresetSpec, seed: int) -> tuple[Path, P
     on 2s+1 (the SFT set when there is one, else the training set), a separate GRPO training set 2s+1 + 10^6."""
     from ..data import write_phantom_dataset
 
-    common = dict(image_size=spec.image_size, lookalikes=spec.lookalikes)
+    common = dict(image_size=spec.image_size, lookalikes=spec.lookalikes, mimics=spec.mimics)
     test = write_phantom_dataset(data_dir, spec.eval_samples, seed=2 * seed + 2, split="test", **common)
     if not spec.sft_samples:
         train = write_phantom_dataset(data_dir, spec.train_samples, seed=2 * seed + 1, split="train", **common)
