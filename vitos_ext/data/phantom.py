@@ -176,28 +176,38 @@ def _draw_anatomy(rng: np.random.Generator, width: int, height: int) -> tuple[np
     return canvas, _Body(body.cx, body.cy, body.ax, body.ay, spine)
 
 
+def _draw_textured_region(canvas: np.ndarray, kind: str, inside: np.ndarray, core: np.ndarray,
+                          dot_centers: list[tuple[float, float]], dot_radius: float) -> None:
+    """Paint a region (soft mask ``inside``; ``core`` its inner part for the ring class) with the look of ``kind``."""
+    height, width = canvas.shape
+    xs, ys = _grid(width, height)
+    if kind == "hyperdense nodule":
+        _blend(canvas, inside, 0.92)
+    elif kind == "hypodense cyst":
+        _blend(canvas, inside, 0.08)
+    elif kind == "ring-enhancing lesion":
+        _blend(canvas, inside, 0.92)
+        _blend(canvas, core, 0.14)
+    else:  # speckled: bright dots over flat tissue
+        _blend(canvas, inside, _TISSUE)
+        for dx, dy in dot_centers:
+            _blend(canvas, _disk_coverage(xs, ys, dx, dy, dot_radius), 0.97)
+
+
 def _draw_lesion(canvas: np.ndarray, rng: np.random.Generator, lesion: Lesion) -> None:
+    if lesion.kind not in LESION_CLASSES:
+        raise ValueError(f"lesion kind must be one of {LESION_CLASSES}, got {lesion.kind!r}")
     height, width = canvas.shape
     xs, ys = _grid(width, height)
     cx, cy = lesion.center[0] * width, lesion.center[1] * height
     radius = lesion.radius * min(width, height)
-    disk = _disk_coverage(xs, ys, cx, cy, radius)
-    if lesion.kind == "hyperdense nodule":
-        _blend(canvas, disk, 0.92)
-    elif lesion.kind == "hypodense cyst":
-        _blend(canvas, disk, 0.08)
-    elif lesion.kind == "ring-enhancing lesion":
-        _blend(canvas, disk, 0.92)
-        _blend(canvas, _disk_coverage(xs, ys, cx, cy, 0.55 * radius), 0.14)
-    elif lesion.kind == "speckled calcification":
-        _blend(canvas, disk, _TISSUE)  # flat tissue under the dots, so the speckle is the only signal
-        dot_radius = max(0.9, 0.17 * radius)
+    dots, dot_radius = [], max(0.9, 0.17 * radius)
+    if lesion.kind == "speckled calcification":  # the speckle is the only signal: flat tissue under the dots
         for _ in range(int(rng.integers(6, 10))):
             angle, distance = rng.uniform(0, 2 * math.pi), (radius - dot_radius) * math.sqrt(rng.uniform())
-            dx, dy = cx + distance * math.cos(angle), cy + distance * math.sin(angle)
-            _blend(canvas, _disk_coverage(xs, ys, dx, dy, dot_radius), 0.97)
-    else:
-        raise ValueError(f"lesion kind must be one of {LESION_CLASSES}, got {lesion.kind!r}")
+            dots.append((cx + distance * math.cos(angle), cy + distance * math.sin(angle)))
+    _draw_textured_region(canvas, lesion.kind, _disk_coverage(xs, ys, cx, cy, radius),
+                          _disk_coverage(xs, ys, cx, cy, 0.55 * radius), dots, dot_radius)
 
 
 def _body_point(rng: np.random.Generator, body: _Body) -> tuple[float, float]:
@@ -223,103 +233,88 @@ def _draw_lookalike(canvas: np.ndarray, rng: np.random.Generator, kind: str, cen
     xs, ys = _grid(width, height)
     long_axis, short_axis = _lookalike_axes(radius_px, aspect)
     inside = _soft_inside(_ellipse_radius(xs, ys, *center, long_axis, short_axis, angle), 1.0 / short_axis)
-    if kind == "hyperdense nodule":
-        _blend(canvas, inside, 0.92)
-    elif kind == "hypodense cyst":
-        _blend(canvas, inside, 0.08)
-    elif kind == "ring-enhancing lesion":
-        _blend(canvas, inside, 0.92)
-        core = _ellipse_radius(xs, ys, *center, 0.7 * long_axis, 0.45 * short_axis, angle)
-        _blend(canvas, _soft_inside(core, 2.0 / short_axis), 0.14)
-    else:  # speckled: bright dots strung along the long axis over flat tissue
-        _blend(canvas, inside, _TISSUE)
-        dot_radius = max(0.9, 0.17 * radius_px)
+    core = _soft_inside(_ellipse_radius(xs, ys, *center, 0.7 * long_axis, 0.45 * short_axis, angle), 2.0 / short_axis)
+    dots, dot_radius = [], max(0.9, 0.17 * radius_px)
+    if kind == "speckled calcification":  # dots strung along the long axis
         for _ in range(int(rng.integers(5, 8))):
             along = rng.uniform(-0.85, 0.85) * long_axis
-            dx, dy = center[0] + along * math.cos(angle), center[1] + along * math.sin(angle)
-            _blend(canvas, _disk_coverage(xs, ys, dx, dy, dot_radius), 0.97)
+            dots.append((center[0] + along * math.cos(angle), center[1] + along * math.sin(angle)))
+    _draw_textured_region(canvas, kind, inside, core, dots, dot_radius)
+
+
+def _place_distractors(canvas: np.ndarray, rng: np.random.Generator, count: int, avoid_kind: str,
+                       lesions: Sequence[Lesion], try_one) -> None:
+    """``count`` distractors with the look of lesion classes other than ``avoid_kind``, clear of the lesions and of
+    each other. ``try_one(kind, taken)`` makes one placement attempt (drawing on success) and returns the placed
+    structure's (x, y, reach) in pixels or None; up to 200 attempts per distractor."""
+    height, width = canvas.shape
+    side = min(width, height)
+    kinds = [k for k in LESION_CLASSES if k != avoid_kind]
+    taken = [(lesion.center[0] * width, lesion.center[1] * height, lesion.radius * side) for lesion in lesions]
+    for _ in range(count):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        for _ in range(200):
+            placed = try_one(kind, taken)
+            if placed is not None:
+                taken.append(placed)
+                break
 
 
 def _draw_lookalikes(canvas: np.ndarray, rng: np.random.Generator, count: int, avoid_kind: str,
                      lesions: Sequence[Lesion], body: _Body) -> None:
-    """``count`` look-alikes with the appearance of other classes than ``avoid_kind``, clear of the lesions."""
-    height, width = canvas.shape
-    side = min(width, height)
-    kinds = [k for k in LESION_CLASSES if k != avoid_kind]
-    taken = [(lesion.center[0] * width, lesion.center[1] * height, lesion.radius * side) for lesion in lesions]
-    for _ in range(count):
-        kind = kinds[int(rng.integers(len(kinds)))]
-        for _ in range(200):
-            radius_px = rng.uniform(*_RADIUS_RANGE) * side
-            aspect, angle = rng.uniform(*_LOOKALIKE_ASPECT), rng.uniform(0.0, math.pi)
-            reach = _lookalike_axes(radius_px, aspect)[0]
-            cx, cy = _body_point(rng, body)
-            if _touches_spine(cx, cy, reach, body):
-                continue
-            tips = [(cx + sign * reach * math.cos(angle), cy + sign * reach * math.sin(angle)) for sign in (-1, 1)]
-            if any(math.hypot((x - body.cx) / body.ax, (y - body.cy) / body.ay) > 0.82 for x, y in tips):
-                continue  # both ends inside the soft tissue
-            if any(math.hypot(cx - x, cy - y) < reach + r + 4 for x, y, r in taken):
-                continue
-            _draw_lookalike(canvas, rng, kind, (cx, cy), radius_px, aspect, angle)
-            taken.append((cx, cy, reach))
-            break
+    """``count`` elongated, lesion-sized look-alikes (see :func:`make_scan_like_image`)."""
+    side = min(canvas.shape)
 
+    def try_one(kind, taken):
+        radius_px = rng.uniform(*_RADIUS_RANGE) * side
+        aspect, angle = rng.uniform(*_LOOKALIKE_ASPECT), rng.uniform(0.0, math.pi)
+        reach = _lookalike_axes(radius_px, aspect)[0]
+        cx, cy = _body_point(rng, body)
+        if _touches_spine(cx, cy, reach, body):
+            return None
+        tips = [(cx + sign * reach * math.cos(angle), cy + sign * reach * math.sin(angle)) for sign in (-1, 1)]
+        if any(math.hypot((x - body.cx) / body.ax, (y - body.cy) / body.ay) > 0.82 for x, y in tips):
+            return None  # both ends inside the soft tissue
+        if any(math.hypot(cx - x, cy - y) < reach + r + 4 for x, y, r in taken):
+            return None
+        _draw_lookalike(canvas, rng, kind, (cx, cy), radius_px, aspect, angle)
+        return cx, cy, reach
 
-def _draw_textured_region(canvas: np.ndarray, rng: np.random.Generator, kind: str, inside: np.ndarray,
-                          core: np.ndarray, dot_centers: list[tuple[float, float]], dot_radius: float) -> None:
-    """Paint a region (soft mask ``inside``; ``core`` its inner part for the ring class) with the look of ``kind``."""
-    height, width = canvas.shape
-    xs, ys = _grid(width, height)
-    if kind == "hyperdense nodule":
-        _blend(canvas, inside, 0.92)
-    elif kind == "hypodense cyst":
-        _blend(canvas, inside, 0.08)
-    elif kind == "ring-enhancing lesion":
-        _blend(canvas, inside, 0.92)
-        _blend(canvas, core, 0.14)
-    else:  # speckled: bright dots over flat tissue
-        _blend(canvas, inside, _TISSUE)
-        for dx, dy in dot_centers:
-            _blend(canvas, _disk_coverage(xs, ys, dx, dy, dot_radius), 0.97)
+    _place_distractors(canvas, rng, count, avoid_kind, lesions, try_one)
 
 
 def _draw_mimics(canvas: np.ndarray, rng: np.random.Generator, count: int, avoid_kind: str,
                  lesions: Sequence[Lesion], body: _Body) -> None:
-    """``count`` organ-sized structures with the look of lesion classes other than ``avoid_kind``, clear of the
-    lesions: the same textures as the lesions, only much larger (their size is what tells them apart)."""
+    """``count`` organ-sized mimics: the lesions' textures, only much larger (size is what tells them apart)."""
     height, width = canvas.shape
     side = min(width, height)
     xs, ys = _grid(width, height)
-    kinds = [k for k in LESION_CLASSES if k != avoid_kind]
-    taken = [(lesion.center[0] * width, lesion.center[1] * height, lesion.radius * side) for lesion in lesions]
-    for _ in range(count):
-        kind = kinds[int(rng.integers(len(kinds)))]
-        for _ in range(200):
-            long_axis = rng.uniform(*_MIMIC_SEMI_AXIS) * side
-            short_axis = long_axis * rng.uniform(*_MIMIC_ROUNDNESS)
-            angle = rng.uniform(0.0, math.pi)
-            cx, cy = _body_point(rng, body)
-            if _touches_spine(cx, cy, long_axis, body):
-                continue
-            rim = [(cx + long_axis * math.cos(a), cy + long_axis * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 12)]
-            if any(math.hypot((x - body.cx) / body.ax, (y - body.cy) / body.ay) > 0.85 for x, y in rim):
-                continue  # inside the soft tissue
-            if any(math.hypot(cx - x, cy - y) < long_axis + r + 3 for x, y, r in taken):
-                continue
-            radius_map = _ellipse_radius(xs, ys, cx, cy, long_axis, short_axis, angle)
-            inside = _soft_inside(radius_map, 1.0 / short_axis)
-            core = _soft_inside(radius_map / 0.55, 1.0 / short_axis)
-            dot_radius = max(0.9, 0.17 * 0.07 * side)  # the lesions' dots
-            dots = []
-            for _ in range(int(rng.integers(14, 22))):
-                a, d = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform()) * 0.85
-                dots.append((cx + d * long_axis * math.cos(a) * math.cos(angle) - d * short_axis * math.sin(a)
-                             * math.sin(angle), cy + d * long_axis * math.cos(a) * math.sin(angle)
-                             + d * short_axis * math.sin(a) * math.cos(angle)))
-            _draw_textured_region(canvas, rng, kind, inside, core, dots, dot_radius)
-            taken.append((cx, cy, long_axis))
-            break
+    dot_radius = max(0.9, 0.17 * 0.07 * side)  # the lesions' dots
+
+    def try_one(kind, taken):
+        long_axis = rng.uniform(*_MIMIC_SEMI_AXIS) * side
+        short_axis = long_axis * rng.uniform(*_MIMIC_ROUNDNESS)
+        angle = rng.uniform(0.0, math.pi)
+        cx, cy = _body_point(rng, body)
+        if _touches_spine(cx, cy, long_axis, body):
+            return None
+        rim = [(cx + long_axis * math.cos(a), cy + long_axis * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 12)]
+        if any(math.hypot((x - body.cx) / body.ax, (y - body.cy) / body.ay) > 0.85 for x, y in rim):
+            return None  # inside the soft tissue
+        if any(math.hypot(cx - x, cy - y) < long_axis + r + 3 for x, y, r in taken):
+            return None
+        radius_map = _ellipse_radius(xs, ys, cx, cy, long_axis, short_axis, angle)
+        dots = []
+        for _ in range(int(rng.integers(14, 22))):  # scattered over the inner 85% of the ellipse
+            a, d = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform()) * 0.85
+            u, v = d * long_axis * math.cos(a), d * short_axis * math.sin(a)
+            dots.append((cx + u * math.cos(angle) - v * math.sin(angle),
+                         cy + u * math.sin(angle) + v * math.cos(angle)))
+        _draw_textured_region(canvas, kind, _soft_inside(radius_map, 1.0 / short_axis),
+                              _soft_inside(radius_map / 0.55, 1.0 / short_axis), dots, dot_radius)
+        return cx, cy, long_axis
+
+    _place_distractors(canvas, rng, count, avoid_kind, lesions, try_one)
 
 
 def _place_lesions(
@@ -382,8 +377,9 @@ def make_scan_like_image(image_size=112, lesions=None, seed=0, lookalikes: int =
             no box, not the answer; only their shape (elongated, lesions are round) tells them apart. 0 draws none
             and leaves the image exactly as without this argument.
         mimics: number of organ-sized structures (contrast-filled bowel, fluid-filled organs, calcified masses) with
-            the texture of a lesion class other than the first lesion's, placed clear of the lesions. Not lesions: no box, not the answer; their size (semi-axes 0.15-0.2 of the image side against
-            lesion radii of 0.055-0.085) tells them apart. 0 draws none and leaves the image exactly as without it.
+            the texture of a lesion class other than the first lesion's, placed clear of the lesions. Not lesions:
+            no box, not the answer; their size (semi-axes 0.15-0.2 of the image side against lesion radii of
+            0.055-0.085) tells them apart. 0 draws none and leaves the image exactly as without it.
 
     Returns:
         :class:`ScanImage` with ``image`` (PIL "L", ``image_size``), ``lesions`` and normalized ``boxes``
