@@ -300,6 +300,34 @@ def test_unpad_plan_is_shared_by_layers_and_follows_the_mask(monkeypatch):
     assert plan(other, 4, 4) is not plan(mask, 4, 4)
 
 
+def test_unpad_gathers_cache_layout_rows_without_flattening_the_cache():
+    """K/V from a KV cache are [B, H, L, D] storage seen as [B, L, H, D]: gathered by (batch, position) in one index
+    op, the same rows as flattening first; plain [B, L, H, D] rows keep the flat index_select."""
+    import vitos_ext.hf_attention as hf_attention
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    indices_q, _, indices_k, _, coords_q, coords_k = hf_attention._unpad_plan(mask, 1, 5)
+    assert indices_q.tolist() == [0, 1, 2] and [c.tolist() for c in coords_q] == [[0, 1, 2], [0, 0, 0]]
+    cache = torch.randn(3, 2, 5, 4)  # [B, Hk, L, D], as the cache stores it
+    key = cache.transpose(1, 2)
+    want = key.reshape(-1, 2, 4).index_select(0, indices_k)
+
+    class Ops(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        got = hf_attention._gather_rows(key, indices_k, coords_k)
+    assert torch.equal(got, want) and got.is_contiguous()
+    assert "clone" not in ops.names and "_unsafe_view" not in ops.names  # no copy of the whole cache first
+    rows = torch.randn(3, 5, 2, 4)
+    assert torch.equal(hf_attention._gather_rows(rows, indices_k, coords_k), rows.reshape(-1, 2, 4)[indices_k])
+
+
 def test_tensor_memo_keys_on_identity_version_and_extra_and_skips_failures():
     from vitos_ext._tensor_memo import TensorMemo
 

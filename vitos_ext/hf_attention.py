@@ -97,18 +97,31 @@ def _host_max_lengths(max_q: int | torch.Tensor, max_k: int | torch.Tensor) -> t
 
 
 def _unpad_plan(attention_mask: torch.Tensor, len_q: int, len_k: int):
-    """(indices_q [Nq], cu_q int32 [B+1], indices_k [Nk], cu_k int32 [B+1]) for `attention_mask` [B, >=len_k].
-    Finding the kept rows needs a device->host sync (nonzero): memoized per mask object."""
+    """(indices_q [Nq], cu_q int32 [B+1], indices_k [Nk], cu_k int32 [B+1], coords_q, coords_k) for
+    `attention_mask` [B, >=len_k]; coords are the (batch, position) pairs of the flat indices. Finding the kept rows
+    needs a device->host sync (nonzero): memoized per mask object."""
 
     def compute():
         mask_k = attention_mask[:, -len_k:].bool()
         mask_q = attention_mask[:, -len_q:].bool()
-        indices_k = mask_k.reshape(-1).nonzero().squeeze(1)
-        indices_q = indices_k if len_q == len_k else mask_q.reshape(-1).nonzero().squeeze(1)
+        nonzero_k = mask_k.nonzero()
+        nonzero_q = nonzero_k if len_q == len_k else mask_q.nonzero()
+        indices_k = nonzero_k[:, 0] * len_k + nonzero_k[:, 1]
+        indices_q = indices_k if len_q == len_k else nonzero_q[:, 0] * len_q + nonzero_q[:, 1]
         return (indices_q, _cu_seqlens_from_lengths(mask_q.sum(dim=1, dtype=torch.int32)),
-                indices_k, _cu_seqlens_from_lengths(mask_k.sum(dim=1, dtype=torch.int32)))
+                indices_k, _cu_seqlens_from_lengths(mask_k.sum(dim=1, dtype=torch.int32)),
+                nonzero_q.unbind(1), nonzero_k.unbind(1))
 
     return _unpad_plans.get((attention_mask,), (len_q, len_k), compute)
+
+
+def _gather_rows(x: torch.Tensor, indices: torch.Tensor, coords: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rows `indices` of x [B, L, H, D] flattened to [B*L, H, D], in one gather. K/V read back from a KV cache are
+    [B, H, L, D] storage seen as [B, L, H, D]: flattening them would copy the whole cache before the gather, so they
+    are indexed by (batch, position) instead."""
+    if x.shape[0] == 1 or x.stride(0) == x.shape[1] * x.stride(1):
+        return x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+    return x[coords]
 
 
 def _packing_plan(position_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
@@ -207,10 +220,10 @@ def vitos_varlen_attention_forward(
     call = dict(causal=causal, softmax_scale=scaling, backend=_settings["backend"])
 
     if attention_mask is not None:  # padded batch: unpad -> varlen -> pad back
-        indices_q, cu_q, indices_k, cu_k = _unpad_plan(attention_mask, len_q, len_k)
-        k_rows = k.reshape(-1, *k.shape[2:]).index_select(0, indices_k)
-        v_rows = v.reshape(-1, *v.shape[2:]).index_select(0, indices_k)
-        q_rows = q.reshape(-1, *q.shape[2:]).index_select(0, indices_q)
+        indices_q, cu_q, indices_k, cu_k, coords_q, coords_k = _unpad_plan(attention_mask, len_q, len_k)
+        k_rows = _gather_rows(k, indices_k, coords_k)
+        v_rows = _gather_rows(v, indices_k, coords_k)
+        q_rows = _gather_rows(q, indices_q, coords_q)
         out_rows = varlen_attention(q_rows, k_rows, v_rows, cu_q, cu_k, len_q, len_k, check_values=False, **call)
         out = out_rows.new_zeros((batch * len_q, *out_rows.shape[1:])).index_put((indices_q,), out_rows)
         return out.view(batch, len_q, *out.shape[1:]), None
