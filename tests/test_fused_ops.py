@@ -365,6 +365,10 @@ def test_rotary_rebinding_keeps_decorators_and_skips_forwards_without_the_helper
     assert rebound is not with_helper.forward and rebound.__wrapped__ is not with_helper.forward.__wrapped__
     x = torch.ones(1, 1, 2, 4, dtype=torch.float64)  # float64: the wrapper hands the call to the eager helper
     assert rebound(None, x, x, old=torch.ones(1, 2, 4, dtype=torch.float64))[0] == "eager"
+    helper = rebound.__wrapped__.__globals__["apply_rotary_pos_emb"]
+    y, table = torch.randn(1, 2, 3, 4), torch.randn(1, 3, 4)  # a fused-eligible call, but with other arguments
+    assert helper(y, y, table, table, 2)[0] == "eager" and helper(y, y, table, table, unsqueeze_dim=2)[0] == "eager"
+    assert isinstance(helper(y, y, table, table)[0], torch.Tensor)  # the default call runs the fused op
     assert fused_rotary_attention_forward(with_helper, "on") is rebound  # one function per class and mode
     assert namespace["forward"].__globals__["apply_rotary_pos_emb"] is namespace["apply_rotary_pos_emb"]
 

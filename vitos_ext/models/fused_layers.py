@@ -107,10 +107,14 @@ def _text_rotary_applies(mode: str, q: torch.Tensor, k: torch.Tensor, cos: torch
 
 
 def _fused_rotary_helper(eager_helper: Callable, mode: str) -> Callable:
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if unsqueeze_dim == 1 and _text_rotary_applies(mode, q, k, cos, sin):
+    """A stand-in for `eager_helper` (q, k, cos, sin, unsqueeze_dim=1): the fused op for the default call, the helper
+    itself for anything else (other arguments, shapes, dtypes or devices)."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        default_call = not args and kwargs.get("unsqueeze_dim", 1) == 1 and set(kwargs) <= {"unsqueeze_dim"}
+        if default_call and _text_rotary_applies(mode, q, k, cos, sin):
             return _fused_text_rotary(q, k, cos, sin)
-        return eager_helper(q, k, cos, sin, unsqueeze_dim)
+        return eager_helper(q, k, cos, sin, *args, **kwargs)
 
     return apply_rotary_pos_emb
 
