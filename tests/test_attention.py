@@ -322,6 +322,15 @@ def test_triton_rejects_unsupported_head_dim(head_dim):
         q.shape
 
 
+def test_cu_seqlens_from_lengths():
+    from vitos_ext.ops.attention import cu_seqlens_from_lengths
+
+    for dtype in (torch.int64, torch.int32):
+        cu = cu_seqlens_from_lengths(torch.tensor([3, 0, 2], dtype=dtype))
+        assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 5]
+    assert cu_seqlens_from_lengths(torch.zeros(0, dtype=torch.int64)).tolist() == [0]
+
+
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     if attention_mod._kernels is None:
         pytest.skip("triton is not installed (torch wheels without it, e.g. macOS or Windows)")
@@ -480,22 +489,12 @@ def test_kernels_cross_compile_for_hopper():
 
 @CPU_TRITON
 def test_inference_fast_path_skips_the_op_dispatch_with_the_same_result():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "vitos":
-                self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from op_recorder import RecordOps
 
     args = {k: v.to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
     with torch.no_grad():
         fast = varlen_attention(**args, backend="triton")
-        with Calls() as calls:  # a dispatch mode (profilers, fake tensors) must see the op: no fast path
+        with RecordOps("vitos") as calls:  # a dispatch mode (profilers, fake tensors) must see the op: no fast path
             through_op = varlen_attention(**args, backend="triton")
     assert calls.names == ["varlen_attention_fwd"]
     assert torch.equal(fast, through_op)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from model_fixtures import build_model, families, make_batch
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_recorder import RecordOps
 
 from vitos_ext import patching
 from vitos_ext.models import fused_layers
@@ -270,18 +270,6 @@ def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _CountFusedOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if func.namespace == "vitos":
-            self.calls[name] = self.calls.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_fused_layers_match_the_model_forward_and_backward(family):
     model = build_model(family).to(DEVICE)
@@ -300,7 +288,7 @@ def test_fused_layers_match_the_model_forward_and_backward(family):
     installed = patching._state_of(model).fused_forwards.modules
     names = {type(m).__name__ for m in installed}
     assert any(n.endswith("RMSNorm") for n in names) and any(n.endswith("MLP") for n in names)
-    with _CountFusedOps() as counter:
+    with RecordOps("vitos") as counter:
         got_logits, got_grads = loss_and_grads()
     assert counter.calls.get("rms_norm_fwd", 0) >= 2 * model.config.text_config.num_hidden_layers
     assert counter.calls.get("rms_norm_bwd", 0) > 0 and counter.calls.get("swiglu_bwd", 0) > 0
@@ -329,10 +317,10 @@ def test_language_model_rotary_runs_fused_and_leaves_other_instances_alone(famil
     layers = plain.config.text_config.num_hidden_layers
     vision_rotary = 0 if family.is_llava else 2 * len(plain.model.visual.blocks)
     with torch.no_grad():
-        with _CountFusedOps() as counter:
+        with RecordOps("vitos") as counter:
             got = patched(**batch).logits
         assert counter.calls.get("rotary_embedding") == 2 * layers + vision_rotary  # q and k of every layer
-        with _CountFusedOps() as counter:
+        with RecordOps("vitos") as counter:
             want = plain(**batch).logits
         assert not counter.calls  # a second, unpatched instance of the same classes runs the eager code
     real = batch["attention_mask"].bool()  # varlen attention leaves padding rows out
@@ -397,7 +385,7 @@ def test_vision_tower_with_fused_rotary_matches_eager(family):
     pixels = batch["pixel_values"].to(DEVICE)
     with torch.no_grad():
         want = patching.encode_images(eager, pixels, image_grid_thw=grid).output.pooler_output
-        with _CountFusedOps() as counter:
+        with RecordOps("vitos") as counter:
             got = patching.encode_images(fused, pixels, image_grid_thw=grid).output.pooler_output
     depth = len(fused.model.visual.blocks)
     assert counter.calls.get("rotary_embedding") == 2 * depth  # q and k of every vision layer
@@ -420,7 +408,7 @@ def test_fused_layer_modes():
     state = patching._state_of(model)
     vision_blocks = model.model.visual.blocks
     assert {vision_blocks[0].norm1, vision_blocks[0].mlp} <= set(state.fused_forwards.modules)
-    with torch.no_grad(), _CountFusedOps() as counter:
+    with torch.no_grad(), RecordOps("vitos") as counter:
         got = model(**batch).logits
     if DEVICE == "cpu":
         assert not counter.calls
@@ -546,7 +534,7 @@ def test_eager_fast_path_conditions():
     assert not eager_fast_path(x, w)  # the parameter needs a gradient
     with torch.no_grad():
         assert eager_fast_path(x, w)
-        with _CountFusedOps():  # a dispatch mode must see the op
+        with RecordOps("vitos"):  # a dispatch mode must see the op
             assert not eager_fast_path(x)
         assert torch.vmap(lambda row: torch.tensor(eager_fast_path(row)))(x).logical_not().all()
         with FakeTensorMode():
@@ -565,7 +553,7 @@ def test_fast_path_results_equal_the_op_path():
 
     with torch.no_grad():
         fast = run()
-        with _CountFusedOps() as counter:
+        with RecordOps("vitos") as counter:
             through_ops = run()
     assert counter.calls == {"rms_norm_fwd": 1, "swiglu_fwd": 1, "rotary_embedding": 2}
     for a, b in zip(fast, through_ops):
@@ -580,7 +568,7 @@ def test_fused_layers_leave_dtypes_the_kernels_do_not_take_to_the_modules():
     with torch.no_grad():
         want = model(**batch).logits
         patching.patch_model(model, attention="model", fused_layers="on")
-        with _CountFusedOps() as counter:
+        with RecordOps("vitos") as counter:
             got = model(**batch).logits
     assert not counter.calls  # float64: every module ran its own forward
     assert torch.equal(got, want)

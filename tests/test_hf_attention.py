@@ -304,7 +304,7 @@ def test_unpad_gathers_cache_layout_rows_without_flattening_the_cache():
     """K/V from a KV cache are [B, H, L, D] storage seen as [B, L, H, D]: gathered by (batch, position) in one index
     op, the same rows as flattening first; plain [B, L, H, D] rows keep the flat index_select."""
     import vitos_ext.hf_attention as hf_attention
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from op_recorder import RecordOps
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
     indices_q, _, indices_k, _, coords_q, coords_k = hf_attention._unpad_plan(mask, 1, 5)
@@ -313,14 +313,7 @@ def test_unpad_gathers_cache_layout_rows_without_flattening_the_cache():
     key = cache.transpose(1, 2)
     want = key.reshape(-1, 2, 4).index_select(0, indices_k)
 
-    class Ops(TorchDispatchMode):
-        names: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as ops:
+    with RecordOps() as ops:
         got = hf_attention._gather_rows(key, indices_k, coords_k)
     assert torch.equal(got, want) and got.is_contiguous()
     assert "clone" not in ops.names and "_unsafe_view" not in ops.names  # no copy of the whole cache first

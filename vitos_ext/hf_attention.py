@@ -24,10 +24,9 @@ import functools
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from vitos_ext._tensor_memo import TensorMemo
-from vitos_ext.ops.attention import BACKENDS, varlen_attention
+from vitos_ext.ops.attention import BACKENDS, cu_seqlens_from_lengths, varlen_attention
 from vitos_ext.profiling import nvtx_annotate
 
 __all__ = ["HF_ATTENTION_NAME", "register_hf_attention", "vitos_varlen_attention_forward", "vitos_varlen_mask"]
@@ -75,10 +74,6 @@ def vitos_varlen_mask(*args, attention_mask: torch.Tensor | None = None, kv_leng
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-
-
 # one memo per derived value (see vitos_ext/_tensor_memo.py): computed at the first layer of a forward, reused by
 # the others
 _unpad_plans = TensorMemo()
@@ -108,8 +103,8 @@ def _unpad_plan(attention_mask: torch.Tensor, len_q: int, len_k: int):
         nonzero_q = nonzero_k if len_q == len_k else mask_q.nonzero()
         indices_k = nonzero_k[:, 0] * len_k + nonzero_k[:, 1]
         indices_q = indices_k if len_q == len_k else nonzero_q[:, 0] * len_q + nonzero_q[:, 1]
-        return (indices_q, _cu_seqlens_from_lengths(mask_q.sum(dim=1, dtype=torch.int32)),
-                indices_k, _cu_seqlens_from_lengths(mask_k.sum(dim=1, dtype=torch.int32)),
+        return (indices_q, cu_seqlens_from_lengths(mask_q.sum(dim=1)),
+                indices_k, cu_seqlens_from_lengths(mask_k.sum(dim=1)),
                 nonzero_q.unbind(1), nonzero_k.unbind(1))
 
     return _unpad_plans.get((attention_mask,), (len_q, len_k), compute)

@@ -47,6 +47,7 @@ import torch
 
 from .models import VLMAdapter, adapter_for
 from .models.fused_layers import FUSED_LAYER_MODES, fused_layer_replacements
+from .ops.attention import cu_seqlens_from_lengths
 from .profiling import nvtx_annotate
 from .sparsity import (
     PrunedBatch,
@@ -941,7 +942,7 @@ def _use_packed_layout(state: _PatchState, request: _Request, kwargs: dict[str, 
     explicit sequence boundaries for the varlen attention; the post-hook restores the left-padded outputs."""
     embeds = kwargs["inputs_embeds"]
     batch, length = embeds.shape[:2]
-    cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    cu = cu_seqlens_from_lengths(counts)
     kwargs.update(
         inputs_embeds=embeds.reshape(batch * length, embeds.shape[-1]).index_select(0, rows).unsqueeze(0),
         attention_mask=None,

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..models import adapter_for
+from ..ops.attention import cu_seqlens_from_lengths
 from ..patching import encode_images
 from ..profiling import nvtx_range
 from ..sparsity import keep_mask_from_boxes, prune_packed, resolve_fusion, validate_keep, visual_token_counts
@@ -214,7 +214,7 @@ def _pack_padded(input_ids, position_ids, attention_mask, inputs_embeds) -> _Pac
         positions=positions.reshape(positions.shape[0], -1).index_select(1, flat_index).long(),
         one_d_positions=one_d,
         embeds=embeds,
-        cu_seqlens=F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)),
+        cu_seqlens=cu_seqlens_from_lengths(lengths),
         source_index=flat_index,
         source_shape=(batch, length),
     )

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..ops._registration import TRITON_DTYPES
 from ..ops.fused import fused_kernels_available, rms_norm, rotary_embedding, swiglu
 
 __all__ = ["FUSED_LAYER_MODES", "fused_active", "fused_gated_mlp_forward", "fused_layer_replacements",
@@ -41,7 +42,6 @@ TEXT_ATTENTION_CLASSES = frozenset({
 })
 _ROTARY_HELPER = "apply_rotary_pos_emb"
 _SILU_CLASSES = ("SiLU", "SiLUActivation")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fused_active(module: torch.nn.Module, x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -51,7 +51,7 @@ def fused_active(module: torch.nn.Module, x: torch.Tensor, *others: torch.Tensor
 
 
 def _mode_active(mode: str, x: torch.Tensor, *others: torch.Tensor) -> bool:
-    if mode == "off" or any(t.dtype not in _KERNEL_DTYPES for t in (x, *others)):
+    if mode == "off" or any(t.dtype not in TRITON_DTYPES for t in (x, *others)):
         return False
     return mode == "on" or (x.device.type == "cuda" and fused_kernels_available(x.device))
 

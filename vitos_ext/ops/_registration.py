@@ -9,6 +9,8 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+# the floating-point dtypes every Triton kernel of the package takes
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_runs_on(kernels: Any, device: torch.device | str) -> bool:

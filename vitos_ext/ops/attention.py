@@ -24,7 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vitos_ext.ops._registration import define_triton_op, eager_fast_path, last_dim_contiguous, triton_runs_on
+from vitos_ext.ops._registration import (TRITON_DTYPES, define_triton_op, eager_fast_path, last_dim_contiguous,
+                                         triton_runs_on)
 from vitos_ext.profiling import nvtx_annotate
 from vitos_ext.reference import varlen_attention_reference
 
@@ -39,14 +40,19 @@ try:
 except ImportError:  # older torch without torch.nn.attention.varlen
     _torch_varlen_attn = None
 
-__all__ = ["varlen_attention", "BACKENDS", "triton_available"]
+__all__ = ["varlen_attention", "BACKENDS", "cu_seqlens_from_lengths", "triton_available"]
 
 BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_VARLEN_PARAMS = (
     frozenset(inspect.signature(_torch_varlen_attn).parameters) if _torch_varlen_attn is not None else frozenset()
 )
 _INT32_MAX = 2**31 - 1
+
+
+def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """Sequence lengths [B] (any integer dtype) -> the int32 offsets [B + 1] varlen_attention takes: 0, then their
+    running sum."""
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -131,7 +137,7 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
         return backend
     if q.device.type != "cuda":
         return "reference"
-    if _kernels is not None and q.dtype in _TRITON_DTYPES and _kernels.head_dim_is_supported(q.shape[2]):
+    if _kernels is not None and q.dtype in TRITON_DTYPES and _kernels.head_dim_is_supported(q.shape[2]):
         return "triton"
     return "torch"
 
@@ -141,7 +147,7 @@ def _check_triton_inputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) -> None
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before importing "
             f"vitos_ext); got tensors on {q.device}")
-    if q.dtype not in _TRITON_DTYPES:
+    if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {q.dtype}")
     if not _kernels.head_dim_is_supported(q.shape[2]):
         raise ValueError(f"backend='triton' supports head_dim 16..{_kernels.MAX_HEAD_DIM} in steps of 8 "

@@ -6,14 +6,16 @@ tensors under TRITON_INTERPRET=1), "reference" (vitos_ext.reference, autograd th
 The Triton path is a set of torch.library ops (vitos::rms_norm_fwd / _bwd, vitos::swiglu_fwd / _bwd,
 vitos::rotary_embedding) registered like the attention ops: triton_op on GPUs so torch.compile traces into the
 kernels, an opaque custom_op with a fake under the interpreter; register_autograd gives every op its backward.
-Numerics follow the eager modules they replace: float32 math with the eager code's rounding points.
+Numerics follow the eager code they replace: float32 math with its rounding points (for the language models' rotary
+helper, whose ops run in the input dtype, each product is rounded to it: rotary_embedding(precision="input")).
 """
 
 from __future__ import annotations
 
 import torch
 
-from vitos_ext.ops._registration import define_triton_op, eager_fast_path, last_dim_contiguous, triton_runs_on
+from vitos_ext.ops._registration import (TRITON_DTYPES, define_triton_op, eager_fast_path, last_dim_contiguous,
+                                         triton_runs_on)
 from vitos_ext.reference import rms_norm_reference, rotary_embedding_reference, swiglu_reference
 
 try:
@@ -25,7 +27,6 @@ __all__ = ["FUSED_BACKENDS", "ROTARY_PRECISIONS", "fused_kernels_available", "rm
 
 FUSED_BACKENDS = ("auto", "triton", "reference")
 ROTARY_PRECISIONS = ("float32", "input")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fused_kernels_available(device: torch.device | str) -> bool:
@@ -44,7 +45,7 @@ def _use_triton(backend: str, op: str, tensors: dict[str, torch.Tensor]) -> bool
             return False
         raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
                            f"set before importing vitos_ext); got tensors on {first.device}")
-    unsupported = [f"{name} {t.dtype}" for name, t in tensors.items() if t.dtype not in _DTYPES]
+    unsupported = [f"{name} {t.dtype}" for name, t in tensors.items() if t.dtype not in TRITON_DTYPES]
     if unsupported:
         if backend == "auto":
             return False
