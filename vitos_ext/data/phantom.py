@@ -347,10 +347,6 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
-def _check_lookalikes(lookalikes) -> None:
-    _check_count("lookalikes", lookalikes)
-
-
 def _size(image_size) -> tuple[int, int]:
     if isinstance(image_size, int):
         width = height = image_size
@@ -399,7 +395,7 @@ def make_scan_like_image(image_size=112, lesions=None, seed=0, lookalikes: int =
     random_kinds = [item for item in lesions if isinstance(item, str)]
     placed = iter(_place_lesions(rng, random_kinds, width, height, body))
     resolved = [item if isinstance(item, Lesion) else next(placed) for item in lesions]
-    _check_lookalikes(lookalikes)
+    _check_count("lookalikes", lookalikes)
     _check_count("mimics", mimics)
     for lesion in resolved:
         _draw_lesion(canvas, rng, lesion)
@@ -456,10 +452,10 @@ def make_phantom_record(
     rng = np.random.default_rng([int(seed), int(index)])
     offset = int(np.random.default_rng([int(seed)]).integers(len(LESION_CLASSES)))
     kind = LESION_CLASSES[(int(index) + offset) % len(LESION_CLASSES)]
-    _check_lookalikes(lookalikes)
+    _check_count("lookalikes", lookalikes)
+    _check_count("mimics", mimics)
     count = 2 if max_lesions >= 2 and rng.uniform() < _SECOND_LESION_PROBABILITY else 1
     image_seed = rng.integers(2**63 - 1)
-    _check_count("mimics", mimics)
     distractors = int(rng.integers(1, lookalikes + 1)) if lookalikes else 0
     organ_mimics = int(rng.integers(1, mimics + 1)) if mimics else 0
     scan = make_scan_like_image(image_size, [kind] * count, seed=image_seed, lookalikes=distractors,
