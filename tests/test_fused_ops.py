@@ -160,17 +160,15 @@ def test_rotary_input_precision_matches_the_language_model_helper(dtype):
         return (q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1),
                 k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1))
 
-    def fused(q, k):
-        flat = [x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (q, k)]
-        tables = [t.reshape(batch * length, dim) for t in (cos, sin)]
-        outs = rotary_embedding(*flat, *tables, backend="triton", precision="input")
-        return tuple(o.view(batch, length, -1, dim).transpose(1, 2) for o in outs)
+    def token_major(rotary):  # [B, H, L, D] in and out, the op's [B * L, H, D] layout in between
+        def run(q, k):
+            flat = [x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (q, k)]
+            tables = [t.reshape(batch * length, dim) for t in (cos, sin)]
+            return tuple(o.view(batch, length, -1, dim).transpose(1, 2) for o in rotary(*flat, *tables))
+        return run
 
-    def reference(q, k):
-        flat = [x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (q, k)]
-        tables = [t.reshape(batch * length, dim) for t in (cos, sin)]
-        outs = rotary_embedding_reference(*flat, *tables, precision="input")
-        return tuple(o.view(batch, length, -1, dim).transpose(1, 2) for o in outs)
+    fused = token_major(lambda *a: rotary_embedding(*a, backend="triton", precision="input"))
+    reference = token_major(lambda *a: rotary_embedding_reference(*a, precision="input"))
 
     grads_out = (_randn(batch, heads_q, length, dim, dtype=dtype, seed=3),
                  _randn(batch, heads_k, length, dim, dtype=dtype, seed=4))
