@@ -10,7 +10,7 @@ intermediate 3420, 112 px windows, full attention in blocks 7/15/23/31. Prompt: 
 
 Rows (HF = the unpatched model, attn_implementation="sdpa"; vitos = the same weights after
 vitos_ext.patch_model(attention="varlen"): vision attention as one varlen call per layer, language model through the
-"vitos_varlen" attention, RMSNorm / SwiGLU / vision rotary as one Triton kernel each on CUDA; the "fused_layers='off'"
+"vitos_varlen" attention, RMSNorm / SwiGLU / rotary as one Triton kernel each on CUDA; the "fused_layers='off'"
 rows take those kernels out again):
   vision tower            get_image_features on the image (HF runs one SDPA call per window / image).
   LM prefill, k% kept     HF: the language model + last-token logits on the prompt already compacted to k% of its
@@ -345,7 +345,7 @@ def run(shapes: Shapes, device: torch.device, dtype: torch.dtype, timer: Timer) 
                                        f"prefill {ratio}")
     middle = ratios[len(ratios) // 2]
     rows["lm only"] = Row(f"LM only, {100 * middle:.0f}% kept, identical compacted inputs", "lm only")
-    rows["lm only unfused"] = Row("  same, fused_layers='off' (eager RMSNorm / SwiGLU)")
+    rows["lm only unfused"] = Row("  same, fused_layers='off' (eager RMSNorm / SwiGLU / rotary)")
     lengths = shapes.batch_lengths
     rows["batch"] = Row(f"batch of {len(lengths)} ragged pruned prompts ({min(lengths)}..{max(lengths)} tokens)",
                         "batch")
@@ -420,34 +420,27 @@ def _measure_vitos(model, work: Workload, features, batch_features, compacted, c
         prefill(prompt, feats, work.keeps[middle])
         return last_logits(pass1)
 
-    row = rows["vision"]
-    row.vitos_ms = guarded(row, "vitos", lambda: timer(encode))
-    row.check = guarded(row, "check", lambda: relative_difference(
-        torch.cat(list(_pooled(encode()))), reference.get("vision")))
-    row = rows["vision unfused"]
-    row.hf_ms = rows["vision"].hf_ms
-    with fused_layers_off(model):
-        row.vitos_ms = guarded(row, "vitos", lambda: timer(encode))
-        row.check = guarded(row, "check", lambda: relative_difference(
-            torch.cat(list(_pooled(encode()))), reference.get("vision")))
+    def time_and_check(row, fn, result, want):
+        row.vitos_ms = guarded(row, "vitos", lambda: timer(fn))
+        row.check = guarded(row, "check", lambda: relative_difference(result(), want))
+
+    def with_and_without_fused_layers(name, fn, result, want):
+        time_and_check(rows[name], fn, result, want)
+        rows[f"{name} unfused"].hf_ms = rows[name].hf_ms
+        with fused_layers_off(model):
+            time_and_check(rows[f"{name} unfused"], fn, result, want)
+
+    with_and_without_fused_layers("vision", encode, lambda: torch.cat(list(_pooled(encode()))),
+                                  reference.get("vision"))
     for ratio, keep in work.keeps.items():
         row = rows[f"prefill {ratio}"]
         if features is not None:
             row.vitos_ms = guarded(row, "vitos", lambda k=keep: timer(lambda: prefill(prompt, features, k)))
             row.check = guarded(row, "check", lambda k=keep, r=ratio: relative_difference(
                 last_logits(prefill(prompt, features, k)), reference.get(r)))
-    row = rows["lm only"]
     if compacted.get(middle) is not None:
-        row.vitos_ms = guarded(row, "vitos", lambda: timer(lambda: language_model_prefill(model, compacted[middle])))
-        row.check = guarded(row, "check", lambda: relative_difference(
-            language_model_prefill(model, compacted[middle]), reference.get("lm only")))
-        row = rows["lm only unfused"]
-        row.hf_ms = rows["lm only"].hf_ms
-        with fused_layers_off(model):
-            row.vitos_ms = guarded(row, "vitos",
-                                   lambda: timer(lambda: language_model_prefill(model, compacted[middle])))
-            row.check = guarded(row, "check", lambda: relative_difference(
-                language_model_prefill(model, compacted[middle]), reference.get("lm only")))
+        lm_only = lambda: language_model_prefill(model, compacted[middle])  # noqa: E731
+        with_and_without_fused_layers("lm only", lm_only, lm_only, reference.get("lm only"))
     row = rows["batch"]
     if batch_features is not None:
         row.vitos_ms = guarded(row, "vitos", lambda: timer(lambda: prefill(batch, batch_features, work.batch_keep)))
