@@ -113,6 +113,31 @@ def test_qwen2_5_vl_greedy_generation_matches_eager(vl_model, backend):
         torch.testing.assert_close(step_got, step_want, rtol=0, atol=TOL)
 
 
+def _first_prompt(inputs):
+    """Row 0 of left_padded_vl_batch alone: a batch with no padding at all."""
+    return dict(input_ids=inputs["input_ids"][:1], attention_mask=inputs["attention_mask"][:1],
+                pixel_values=inputs["pixel_values"][:96], image_grid_thw=inputs["image_grid_thw"][:1],
+                mm_token_type_ids=inputs["mm_token_type_ids"][:1])
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("backend", HF_BACKENDS)
+def test_static_cache_generation_matches_eager(vl_model, backend, padded):
+    """A StaticCache hands the attention all max_cache_len slots, most of them not written yet: only the slots that
+    hold tokens may be attended, also when nothing is padded (no 2-D mask at all)."""
+    inputs = left_padded_vl_batch()
+    inputs = inputs if padded else _first_prompt(inputs)
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                  cache_implementation="static")
+    with torch.no_grad():
+        want = _with_attention(vl_model, "eager").generate(**inputs, **kwargs)
+        register_hf_attention(backend=backend)
+        got = _with_attention(vl_model, HF_ATTENTION_NAME).generate(**inputs, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for step_got, step_want in zip(got.logits, want.logits):
+        torch.testing.assert_close(step_got, step_want, rtol=0, atol=TOL)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # packed batches and direct calls (tiny Qwen2 text model)
 # ----------------------------------------------------------------------------------------------------------
@@ -230,6 +255,13 @@ def test_mask_function_returns_padding_mask_or_none():
     assert got.dtype == torch.bool and torch.equal(got, padded[:, -4:])
     # padding that lies outside the last kv_length columns does not matter
     assert vitos_varlen_mask(batch_size=2, q_length=1, kv_length=3, attention_mask=padded) is None
+    # a StaticCache: 10 slots, of which the first q_offset + q_length hold tokens
+    got = vitos_varlen_mask(batch_size=2, q_length=6, kv_length=10, q_offset=0, attention_mask=None)
+    assert got.dtype == torch.bool and torch.equal(got, full)
+    got = vitos_varlen_mask(batch_size=2, q_length=1, kv_length=10, q_offset=torch.tensor(5), attention_mask=padded)
+    assert torch.equal(got, padded)
+    assert vitos_varlen_mask(batch_size=2, q_length=1, kv_length=6, q_offset=torch.tensor(5),
+                             attention_mask=full) is None
 
 
 def test_registration_is_idempotent_and_validated():

@@ -10,6 +10,8 @@ What the attention function handles (the cases FlashAttention-2 handles in trans
 - packed batches: `cu_seq_lens_q/k` + `max_length_q/k` kwargs (e.g. from DataCollatorWithFlattening or a vision
   tower), or 2-D position ids that restart (a new sequence starts wherever position != previous + 1);
 - decode / chunked prefill against a KV cache: lq < lk with bottom-right causal alignment.
+- preallocated caches (StaticCache): the mask function marks the slots written so far and the rest are never
+  attended.
 Custom 4-D masks fall back to transformers' SDPA function. Dropout, sliding windows, logit soft-capping and
 attention sinks are not supported and raise.
 
@@ -54,19 +56,39 @@ def register_hf_attention(backend: str = "auto", name: str = HF_ATTENTION_NAME) 
     return name
 
 
-def vitos_varlen_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None, **kwargs):
-    """Mask function for AttentionMaskInterface: the 2-D boolean padding mask [B, kv_length], or None if there
-    is no padding (causality is applied inside the kernel, bottom-right aligned, so no 4-D mask is built)."""
+def vitos_varlen_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None,
+                      q_length: int | None = None, q_offset: int | torch.Tensor | None = None, **kwargs):
+    """Mask function for AttentionMaskInterface: the 2-D boolean padding mask [B, Lk'], or None if every key
+    position holds a token of the batch (causality is applied inside the kernel, bottom-right aligned, so no 4-D
+    mask is built).
+
+    A preallocated cache (StaticCache) hands the attention all `kv_length` slots, of which only the first
+    q_offset + q_length hold tokens so far: the mask then covers just those (Lk' < kv_length), and the attention
+    ignores the slots beyond it. The query rows are always the last q_length columns of the mask.
+    """
+    seen = _tokens_seen(kv_length, q_length, q_offset)
     if attention_mask is None:
-        return None
+        if seen is None or seen == kv_length:
+            return None
+        return torch.ones(kwargs.get("batch_size", 1), seen, dtype=torch.bool, device=kwargs.get("device"))
     if attention_mask.dim() != 2:
         return attention_mask
-    if kv_length is not None:
-        attention_mask = attention_mask[:, -kv_length:]
+    keep = seen if seen is not None else kv_length
+    if keep is not None:
+        attention_mask = attention_mask[:, -keep:]
     attention_mask = attention_mask.bool()
     if (kv_length is None or attention_mask.shape[1] == kv_length) and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+def _tokens_seen(kv_length: int | None, q_length: int | None, q_offset: int | torch.Tensor | None) -> int | None:
+    """Key slots that hold tokens (the cached ones plus the queries), or None if the caller did not say. A
+    StaticCache passes q_offset as a tensor (to stay graph-friendly): reading it is one host sync per mask, i.e. per
+    forward, not per layer."""
+    if kv_length is None or q_length is None or q_offset is None:
+        return None
+    return min(int(q_offset) + q_length, kv_length)
 
 
 # ----------------------------------------------------------------------------------------------------------
