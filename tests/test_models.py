@@ -409,6 +409,22 @@ def test_beam_search_with_boxes_equals_singles_and_keep_all_equals_unpatched(fam
     assert kept_all.tolist() == greedy(build_model(family), batch, **beams)[0].tolist()
 
 
+@pytest.mark.parametrize("attention, implementation", [("model", "eager"), ("model", "sdpa"), ("varlen", "eager")])
+def test_static_cache_generate_equals_dynamic_cache(family, attention, implementation):
+    """generate(cache_implementation="static") prebuilds the prefill's 4-D mask for the whole prompt: pruning reads
+    the padding from it, and decoding continues from the compacted static cache (the slots past the kept tokens stay
+    unused). Same tokens and logits as with the dynamic cache, for a padded batch and a single unpadded prompt."""
+    model = patching.patch_model(build_model(family, attn_implementation=implementation), attention=attention)
+    batch = make_batch(family, model, PROMPTS)
+    for inputs, boxes in ((batch, BOXES), (select(batch, 0, family, model), boxes_of(0))):
+        tokens, logits = greedy(model, inputs, vitos_boxes=boxes)
+        counts = model.vitos_last_prefill.kept_counts.tolist()
+        static_tokens, static_logits = greedy(model, inputs, vitos_boxes=boxes, cache_implementation="static")
+        assert model.vitos_last_prefill.kept_counts.tolist() == counts
+        assert static_tokens.tolist() == tokens.tolist()
+        torch.testing.assert_close(static_logits, logits, rtol=0, atol=1e-5)
+
+
 def test_repeated_prompt_image_order():
     order = patching._repeated_prompt_image_order
     assert order([4, 3, 0], [4, 1, 2], 2) == [0, 0, 1, 2, 1, 2]

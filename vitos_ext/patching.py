@@ -850,10 +850,7 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
     input_ids = request.inputs.get("input_ids")
     if inputs_embeds is None or input_ids is None or input_ids.shape != inputs_embeds.shape[:2]:
         raise ValueError("token pruning needs the whole prompt (input_ids and its embeddings) in one prefill")
-    attention_mask = kwargs.get("attention_mask")
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-        raise ValueError("token pruning needs a 2-D attention mask (a dynamic cache); prebuilt 4-D masks / static "
-                         "caches are not supported")
+    attention_mask = _prefill_padding_mask(request, kwargs, input_ids.shape[1])
     _repeat_for_generation(state, request)
     visual_mask = input_ids == adapter.image_token_id(model)
     keep, fuse = None, None  # None: every image token stays (only videos are pruned)
@@ -879,6 +876,34 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
     request.pruned = pruned
     request.generate_kwargs_pending = request.in_generate
     model.__dict__["vitos_last_prefill"] = pruned.without_embeddings()
+
+
+def _prefill_padding_mask(request: _Request, kwargs: dict[str, Any], length: int) -> torch.Tensor | None:
+    """The prefill's 2-D padding mask [B, L] (None: nothing padded). With a preallocated cache (StaticCache, e.g.
+    generate(cache_implementation="static")) generate() hands the language model a mask it already expanded to
+    4-D [B, 1, L, max_cache_len] (or a dict of them per attention type); its last query row is the padding mask,
+    since the prefill starts at an empty cache. The compacted 2-D mask then lets the model rebuild its masks, and
+    decoding continues from the compacted cache like with a dynamic one."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if not (request.in_generate and getattr(cache, "is_compileable", False)):
+        raise ValueError("token pruning needs a 2-D attention mask (custom 4-D masks are not supported)")
+    if isinstance(mask, dict):
+        if "full_attention" not in mask:
+            raise ValueError(f"token pruning cannot read the padding from masks {sorted(mask)}: it needs the "
+                             "'full_attention' one")
+        mask = mask["full_attention"]
+        if mask is None:  # a plain causal mask (SDPA's is_causal path): nothing is padded
+            return None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # vitos_varlen's own mask is the padding mask
+            return mask[:, -length:]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[2] != length or mask.shape[3] < length:
+        raise ValueError(f"token pruning cannot read the padding from a prebuilt mask of type {type(mask).__name__} "
+                         f"and shape {tuple(getattr(mask, 'shape', ()))}")
+    last_row = mask[:, 0, -1, :length]
+    return last_row if last_row.dtype == torch.bool else last_row == 0  # additive masks: 0 where attended
 
 
 # A batch's prefill runs packed (no padding row) when the language model attends through vitos_varlen: left padding
