@@ -102,12 +102,16 @@ def test_qwen2_5_vl_logits_match_eager_on_left_padded_batch(vl_model, backend):
 @pytest.mark.parametrize("backend", HF_BACKENDS)
 def test_qwen2_5_vl_greedy_generation_matches_eager(vl_model, backend):
     """Prefill with padding, then single-token decode steps against the KV cache (lq=1 < lk)."""
-    inputs = left_padded_vl_batch()
-    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    _check_greedy_generation_matches_eager(vl_model, backend, left_padded_vl_batch())
+
+
+def _check_greedy_generation_matches_eager(model, backend, inputs, **generate_kwargs):
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                  **generate_kwargs)
     with torch.no_grad():
-        want = _with_attention(vl_model, "eager").generate(**inputs, **kwargs)
+        want = _with_attention(model, "eager").generate(**inputs, **kwargs)
         register_hf_attention(backend=backend)
-        got = _with_attention(vl_model, HF_ATTENTION_NAME).generate(**inputs, **kwargs)
+        got = _with_attention(model, HF_ATTENTION_NAME).generate(**inputs, **kwargs)
     assert torch.equal(got.sequences, want.sequences)
     for step_got, step_want in zip(got.logits, want.logits):
         torch.testing.assert_close(step_got, step_want, rtol=0, atol=TOL)
@@ -127,15 +131,7 @@ def test_static_cache_generation_matches_eager(vl_model, backend, padded):
     hold tokens may be attended, also when nothing is padded (no 2-D mask at all)."""
     inputs = left_padded_vl_batch()
     inputs = inputs if padded else _first_prompt(inputs)
-    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True,
-                  cache_implementation="static")
-    with torch.no_grad():
-        want = _with_attention(vl_model, "eager").generate(**inputs, **kwargs)
-        register_hf_attention(backend=backend)
-        got = _with_attention(vl_model, HF_ATTENTION_NAME).generate(**inputs, **kwargs)
-    assert torch.equal(got.sequences, want.sequences)
-    for step_got, step_want in zip(got.logits, want.logits):
-        torch.testing.assert_close(step_got, step_want, rtol=0, atol=TOL)
+    _check_greedy_generation_matches_eager(vl_model, backend, inputs, cache_implementation="static")
 
 
 # ----------------------------------------------------------------------------------------------------------
