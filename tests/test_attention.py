@@ -498,3 +498,32 @@ def test_inference_fast_path_skips_the_op_dispatch_with_the_same_result():
             through_op = varlen_attention(**args, backend="triton")
     assert calls.names == ["varlen_attention_fwd"]
     assert torch.equal(fast, through_op)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter check runs for CPU tensors")
+@CPU_TRITON
+def test_interpreter_incompatibility_is_a_clear_error(monkeypatch):
+    """Triton <= 3.6's interpreter cannot use a loaded scalar as a loop bound under numpy >= 2.4: checked once, with
+    a message that names the versions and the fix, instead of an opaque InterpreterError from inside a kernel."""
+    from vitos_ext.kernels import _launch
+
+    _launch.check_interpreter.cache_clear()
+    _launch.check_interpreter()  # this environment's interpreter works
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(_launch, "_loop_to_loaded_bound", Broken())
+    _launch.check_interpreter.cache_clear()
+    q = torch.randn(4, 2, 64)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    try:
+        with pytest.raises(RuntimeError, match=r"interpreter .*numpy .*numpy<2\.4"):
+            varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton")
+    finally:
+        monkeypatch.undo()
+        _launch.check_interpreter.cache_clear()
+    assert varlen_attention(q, q, q, cu, cu, 4, 4, backend="triton").shape == q.shape
