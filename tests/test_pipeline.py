@@ -237,6 +237,21 @@ def test_real_batch_equals_singles():
         assert one.boxes == many.boxes and one.kept_tokens == many.kept_tokens
 
 
+def test_static_cache_gives_the_same_results():
+    """generate(cache_implementation="static") in both passes: pass 2's pruned prefill fills the first slots of the
+    preallocated cache; answers equal the dynamic-cache pipeline's."""
+    images, questions = scans(2, seed=5), [QUESTION, "Which region is abnormal?"]
+    boxes = [torch.tensor([[0.5, 0.5, 1.0, 1.0]]), torch.tensor([[0.0, 0.1, 0.4, 0.6]])]
+    results = []
+    for kwargs in ({}, dict(cache_implementation="static")):
+        model, processor = build_family("qwen2_5_vl", seed=3)
+        pipe = ViToSPipeline(model, processor, max_new_tokens=STEPS, grounding_prompt="{question}", **kwargs)
+        results.append(pipe(images, questions, boxes=boxes))
+    for dynamic, static in zip(*results):
+        assert dynamic.kept_tokens < dynamic.visual_tokens
+        assert (static.answer_text, static.kept_tokens) == (dynamic.answer_text, dynamic.kept_tokens)
+
+
 def test_patched_model_is_not_patched_again():
     model, processor = build_family("qwen2_5_vl")
     patch_model(model)
@@ -420,6 +435,10 @@ def test_bad_arguments_get_clear_errors():
         ViToSPipeline(model, processor, max_new_tokens=0)
     with pytest.raises(ValueError, match="generate_kwargs"):
         ViToSPipeline(model, processor, vitos_keep=torch.ones(3, dtype=torch.bool))
+    for copies in (dict(num_beams=3), dict(num_return_sequences=2)):
+        with pytest.raises(ValueError, match=f"{next(iter(copies))}.*one sequence per sample"):
+            ViToSPipeline(model, processor, **copies)
+    ViToSPipeline(model, processor, num_beams=1, cache_implementation="static")  # allowed
     with pytest.raises(TypeError, match="processor"):
         ViToSPipeline(model, processor.image_processor)
     with pytest.raises(TypeError, match="supported models are"):

@@ -322,7 +322,8 @@ class ViToSPipeline:
         system_prompt: optional system message for both passes.
         batch_size: samples per generate() call (None = all at once).
         attention: patch_model's attention mode when the pipeline patches the model ("auto", "varlen", "model").
-        **generate_kwargs: passed to both generate() calls (default greedy: do_sample=False).
+        **generate_kwargs: passed to both generate() calls (default greedy: do_sample=False); one sequence per
+            sample and pass (no num_beams / num_return_sequences > 1).
 
     Raises:
         TypeError for an unsupported model (listing the supported ones) or a processor without a tokenizer;
@@ -348,6 +349,12 @@ class ViToSPipeline:
         reserved = sorted(k for k in generate_kwargs if k.startswith("vitos_") or k in ("max_new_tokens", "inputs"))
         if reserved:
             raise ValueError(f"generate_kwargs must not set {reserved}: use the pipeline's own arguments")
+        copies = {k: generate_kwargs[k] for k in ("num_beams", "num_return_sequences") if k in generate_kwargs}
+        if any(v not in (None, 1) for v in copies.values()):
+            # pass 2 reuses pass 1's image features, one copy per sample; generate() would need one per beam
+            raise ValueError(f"generate_kwargs {copies}: the pipeline generates one sequence per sample and pass "
+                             "(num_beams = num_return_sequences = 1); call the patched model's generate() with "
+                             "vitos_boxes for beam search")
         self.tokenizer = getattr(processor, "tokenizer", None)
         if self.tokenizer is None or not hasattr(processor, "apply_chat_template"):
             raise TypeError(f"processor must be a multimodal processor with a tokenizer and a chat template, got "
