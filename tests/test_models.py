@@ -617,6 +617,43 @@ def test_deepcopy_of_a_patched_model_prunes_itself(family):
     assert patching.is_patched(model)
 
 
+def _with_lora(model, seed: int = 0):
+    """`model` wrapped by PEFT with LoRA on q/v projections, B initialized non-zero so the adapters change outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return wrapped
+
+
+def test_peft_wrapped_model_patches_the_model_inside(family):
+    """patch_model on a PeftModel patches the wrapped VLM (its modules hold the LoRA layers): pruned generate()
+    and forward() through the wrapper equal patching first and wrapping after; unpatch through the wrapper restores."""
+    batch = make_batch(family, build_model(family), PROMPTS)
+    patched_then_wrapped = _with_lora(patching.patch_model(build_model(family)))
+    want, want_logits = greedy(patched_then_wrapped, batch, vitos_boxes=BOXES)
+    wrapped = _with_lora(build_model(family))
+    assert patching.patch_model(wrapped) is wrapped
+    assert patching.is_patched(wrapped) and patching.is_patched(wrapped.get_base_model())
+    got, got_logits = greedy(wrapped, batch, vitos_boxes=BOXES)
+    assert got.tolist() == want.tolist()
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-6)
+    counts = patched_then_wrapped.vitos_last_prefill.kept_counts
+    assert torch.equal(wrapped.vitos_last_prefill.kept_counts, counts)
+    with torch.no_grad():
+        pruned = wrapped(**batch, vitos_boxes=BOXES).logits
+    assert pruned.shape[1] == int(wrapped.vitos_last_prefill.kept_counts.max())
+    _, without_lora = greedy(patching.patch_model(build_model(family)), batch, vitos_boxes=BOXES)
+    assert not torch.allclose(got_logits, without_lora, atol=1e-3)  # the adapters are in effect
+    assert patching.unpatch_model(wrapped) is wrapped and not patching.is_patched(wrapped)
+    with pytest.raises(ValueError, match="vitos_boxes"):
+        greedy(wrapped, batch, vitos_boxes=BOXES)
+
+
 def test_class_level_apply_and_revert(family):
     import vitos_ext.models as models
 

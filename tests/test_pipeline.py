@@ -259,6 +259,17 @@ def test_patched_model_is_not_patched_again():
     assert not pipe.patched_here and is_patched(model)
 
 
+def test_peft_wrapped_model_runs_the_model_inside():
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = build_family("qwen2_5_vl", seed=3)
+    wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pipe = ViToSPipeline(wrapped, processor, max_new_tokens=STEPS, grounding_prompt="{question}")
+    assert pipe.model is wrapped.get_base_model() and is_patched(wrapped) and pipe.patched_here
+    result = pipe(scans(1, seed=5)[0], QUESTION, boxes=torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
+    assert result.kept_tokens < result.visual_tokens
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pass-1 output -> boxes -> kept tokens
 

@@ -67,6 +67,7 @@ __all__ = [
     "ImageFeatures",
     "apply_to_classes",
     "encode_images",
+    "inner_model",
     "is_patched",
     "patch_model",
     "revert_classes",
@@ -207,8 +208,27 @@ def _state_of(model: torch.nn.Module) -> _PatchState | None:
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    """Whether patch_model is in effect on this instance."""
-    return _state_of(model) is not None
+    """Whether patch_model is in effect on this instance (or on the model a PEFT wrapper holds)."""
+    return _state_of(inner_model(model)) is not None
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The supported VLM that `model` wraps, for wrappers that forward to it (PEFT's PeftModel: get_base_model());
+    `model` itself otherwise. LoRA and similar adapters live inside the wrapped model's modules, so the inner model
+    computes with them."""
+    if _is_supported(model):
+        return model
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else None
+    return inner if isinstance(inner, torch.nn.Module) and inner is not model and _is_supported(inner) else model
+
+
+def _is_supported(model: torch.nn.Module) -> bool:
+    try:
+        adapter_for(model)
+    except TypeError:
+        return False
+    return True
 
 
 def _original(state: _PatchState, name: str):
@@ -251,7 +271,8 @@ def patch_model(model: torch.nn.Module, attention: str = "auto", fused_layers: s
     laid back out left-padded (see PACKED_PREFILL).
 
     Args:
-        model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA *ForConditionalGeneration instance.
+        model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA *ForConditionalGeneration instance, or a PEFT model
+            wrapping one (the wrapped model is patched; generate() / forward() through the wrapper prune).
         attention: "auto" (varlen attention for the vision tower and language model where a fast backend exists for
             the model's device, i.e. CUDA; elsewhere the model's own attention), "varlen" (always), "model" (never).
         fused_layers: RMSNorm, SiLU gated MLP and rotary embedding of the vision tower and the language model
@@ -265,14 +286,19 @@ def patch_model(model: torch.nn.Module, attention: str = "auto", fused_layers: s
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     _check_fused_layers(fused_layers)
-    adapter = adapter_for(model)
+    wrapper, model = model, inner_model(model)
+    _patch_instance(model, adapter_for(model), attention, fused_layers)
+    return wrapper
+
+
+def _patch_instance(model: torch.nn.Module, adapter: VLMAdapter, attention: str, fused_layers: str) -> None:
     state = _state_of(model)
     if state is not None:
         if state.attention != attention:
             _set_attention_mode(state, attention)
         if state.fused_layers != fused_layers:
             _set_fused_layers(state, fused_layers)
-        return model
+        return
 
     state = _PatchState(model=model, adapter=adapter, attention=attention)
     for name in _MODEL_METHODS:
@@ -292,17 +318,21 @@ def patch_model(model: torch.nn.Module, attention: str = "auto", fused_layers: s
     language_model.register_forward_hook(types.MethodType(_language_model_post_hook, state), with_kwargs=True)
     _set_attention_mode(state, attention)
     _set_fused_layers(state, fused_layers)
-    return model
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     """Undo patch_model exactly: instance attributes and hooks removed, attention implementations restored.
 
-    A model that is not patched is returned unchanged.
+    A model that is not patched is returned unchanged. Returns `model` (a PEFT wrapper stays the wrapper).
     """
+    _unpatch_instance(inner_model(model))
+    return model
+
+
+def _unpatch_instance(model: torch.nn.Module) -> None:
     state = _state_of(model)
     if state is None:
-        return model
+        return
     _restore_attention(state)
     state.vision_forwards.remove()
     _set_fused_layers(state, "off")
@@ -314,7 +344,6 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     _remove_hooks(state.adapter.language_model(model))
     model.__dict__.pop("vitos_last_prefill", None)
     model.__dict__.pop("_vitos_state", None)
-    return model
 
 
 def _restore_attribute(obj: Any, name: str, previous: Any) -> None:

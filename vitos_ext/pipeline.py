@@ -35,7 +35,7 @@ from PIL import Image
 from .data.images import load_image
 from .models import adapter_for
 from .parsing import extract_choice, normalize_options, parse_output, split_inline_options
-from .patching import encode_images, is_patched, patch_model
+from .patching import encode_images, inner_model, is_patched, patch_model
 from .profiling import nvtx_range
 from .sparsity import keep_mask_from_boxes
 
@@ -308,7 +308,8 @@ class ViToSPipeline:
     """Two-pass ViToS inference for a supported VLM: grounding with all visual tokens, answering with the kept ones.
 
     Args:
-        model: a supported *ForConditionalGeneration (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA). It is patched in
+        model: a supported *ForConditionalGeneration (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA), or a PEFT model
+            wrapping one (the pipeline then runs the wrapped model, whose modules hold the adapters). It is patched in
             place with ``vitos_ext.patch_model(model, attention=attention)`` unless it already is
             (``patched_here`` tells which; ``vitos_ext.unpatch_model`` undoes it).
         processor: its processor (apply_chat_template + text/image call), e.g. from AutoProcessor or
@@ -334,6 +335,7 @@ class ViToSPipeline:
                  max_new_tokens: int = 256, grounding_prompt: str = DEFAULT_GROUNDING_PROMPT,
                  answer_prompt: str | None = None, system_prompt: str | None = None, batch_size: int | None = None,
                  attention: str = "auto", **generate_kwargs: Any):
+        model = inner_model(model)  # a PEFT wrapper's LoRA layers live in the wrapped model's modules
         self.adapter = adapter_for(model)
         if not isinstance(dilate, int) or isinstance(dilate, bool) or dilate < 0:
             raise ValueError(f"dilate must be an int >= 0, got {dilate!r}")
