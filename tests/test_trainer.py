@@ -340,6 +340,28 @@ def test_gradient_isolation_between_branches(phantom, tmp_path):
     assert forwarded == [("sparse", True)]
 
 
+def test_peft_lora_policy_trains_only_its_adapters(phantom, tmp_path):
+    """A PEFT-wrapped policy: patch_model patches the wrapped VLM, the KL reference is a frozen copy, and only the
+    LoRA weights (the trainable parameters) move; resuming from the checkpoint restores them exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    train, _ = phantom
+    model, processor = _tiny(seed=2)
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    start = _parameters(policy)
+    config = _config(tmp_path, beta=0.05)
+    DualStreamGRPOTrainer(policy, processor, train, config).train()
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    after = _parameters(policy)
+    assert all(torch.equal(start[name], after[name]) for name in start if name not in trainable)
+    assert any(not torch.equal(start[name], after[name]) for name in trainable)
+    resumed_model, _ = _tiny(seed=2)
+    resumed = get_peft_model(resumed_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    DualStreamGRPOTrainer(resumed, processor, train, config).train(resume=True)  # complete: loads, trains nothing
+    assert all(torch.equal(after[name], p) for name, p in _parameters(resumed).items())
+
+
 def _train(tmp_path: Path, phantom, stop_at_step=None, resume=False, schedule="stages", **changes):
     train, test = phantom
     model, processor = _tiny(seed=2)

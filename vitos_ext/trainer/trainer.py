@@ -97,7 +97,7 @@ class DualStreamGRPOTrainer:
 
     Args:
         model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL *ForConditionalGeneration (patched in place with patch_model if it
-            is not already).
+            is not already), or a PEFT model wrapping one: only its trainable parameters (e.g. LoRA) are optimized.
         processor: its processor (tokenizer with a pad token, chat template, image processor).
         train_data: :class:`~vitos_ext.trainer.data.TrainingData` (bad rows already reported and skipped).
         config: :class:`TrainerConfig`.
