@@ -647,6 +647,11 @@ def test_peft_wrapped_model_patches_the_model_inside(family):
     with torch.no_grad():
         pruned = wrapped(**batch, vitos_boxes=BOXES).logits
     assert pruned.shape[1] == int(wrapped.vitos_last_prefill.kept_counts.max())
+    image_inputs = {} if family.is_llava else {"image_grid_thw": batch["image_grid_thw"]}
+    with torch.no_grad():
+        features = patching.encode_images(wrapped, batch["pixel_values"], **image_inputs)
+    reused, _ = greedy(wrapped, batch, vitos_image_features=features, vitos_boxes=BOXES)
+    assert reused.tolist() == want.tolist()
     _, without_lora = greedy(patching.patch_model(build_model(family)), batch, vitos_boxes=BOXES)
     assert not torch.allclose(got_logits, without_lora, atol=1e-3)  # the adapters are in effect
     assert patching.unpatch_model(wrapped) is wrapped and not patching.is_patched(wrapped)

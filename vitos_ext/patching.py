@@ -109,7 +109,7 @@ def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor, **image_in
     """Run a supported model's vision tower (and projector) once.
 
     Args:
-        model: a supported *ForConditionalGeneration model (patched or not).
+        model: a supported *ForConditionalGeneration model (patched or not), or a PEFT model wrapping one.
         pixel_values: the processor's pixel_values (Qwen: [sum(t*h*w), C*tp*p*p]; LLaVA: [I, C, H, W]).
         **image_inputs: the other image inputs the family needs: image_grid_thw (int64 [I, 3]) for Qwen-VL.
 
@@ -117,6 +117,7 @@ def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor, **image_in
         ImageFeatures, to pass as ``vitos_image_features=`` to the patched forward()/generate() of the same
         images (pixel_values may then be omitted): the vision tower does not run again. Gradients flow if enabled.
     """
+    model = inner_model(model)
     adapter = adapter_for(model)
     output = adapter.encode_images(model, pixel_values, **image_inputs)
     inputs = {"image_grid_thw": image_inputs.get("image_grid_thw"),
