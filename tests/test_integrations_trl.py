@@ -232,6 +232,31 @@ def test_model_path_and_kl_reference_use_the_same_sparse_sequences(tmp_path, pro
     assert steps[0]["kl"] == 0.0 and steps[1]["kl"] > 0.0
 
 
+def test_peft_lora_policy_prunes_and_its_reference_sees_the_same_sparse_sequences(tmp_path, processor):
+    """GRPOTrainer(peft_config=...) wraps the policy in LoRA and uses it with the adapters disabled as the KL
+    reference: the wrapped model is patched, rollouts and both forwards run on the kept tokens (KL exactly 0 at the
+    first step), and only the adapters train."""
+    from peft import LoraConfig
+
+    from vitos_ext import is_patched
+
+    model = build_tiny_model(seed=1)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = ViToSGRPOTrainer(model=model, reward_funcs=[text_length_reward], args=config(tmp_path, beta=0.1),
+                               train_dataset=Dataset.from_list(rows(8, boxes=QUARTER)), processing_class=processor,
+                               peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert is_patched(trainer.model) and trainer.ref_model is None
+    trainer.train()
+    steps = [entry for entry in trainer.state.log_history if "reward" in entry]
+    assert [entry["vitos/kept_ratio"] for entry in steps] == [0.25, 0.25]
+    assert steps[0]["kl"] == 0.0 and steps[1]["kl"] > 0.0
+    trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    frozen = {name.replace(".base_layer", ""): p for name, p in model.named_parameters() if "lora_" not in name}
+    assert frozen.keys() == before.keys()
+    assert all(torch.equal(p.detach(), before[name]) for name, p in frozen.items())
+
+
 def test_rows_boxes_per_image_and_errors(tmp_path, processor):
     trainer = ViToSGRPOTrainer(model=build_tiny_model(), reward_funcs=[text_length_reward], args=config(tmp_path),
                                train_dataset=Dataset.from_list(rows(4)), processing_class=processor)

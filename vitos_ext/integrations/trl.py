@@ -25,7 +25,8 @@ each grounding rollout with G sparse rollouts; use this trainer for stage 2 of t
 from fixed boxes) or to fine-tune answering-from-evidence in an existing TRL setup. The training forward is the
 left-padded compacted batch (varlen attention inside with ``attention="auto"`` on CUDA) and materializes logits for
 the completion positions ([B, C + 1, V] per chunk) instead of TRL's fused LM head. Not supported: vLLM or
-continuous-batching generation, tools / environments, MoE auxiliary losses. PEFT models are untested.
+continuous-batching generation, tools / environments, MoE auxiliary losses. PEFT (``peft_config=``) works: the
+wrapped model is patched, and the reference (the policy with its adapters disabled) sees the same kept tokens.
 """
 
 from __future__ import annotations
