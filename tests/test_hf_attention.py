@@ -6,6 +6,8 @@ eager attends padded query rows to garbage, varlen attention returns 0 there, an
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -241,6 +243,10 @@ def test_unsupported_features_raise():
         vitos_varlen_attention_forward(_Module(HF_ATTENTION_NAME), query, key, value, None, dropout=0.1)
 
 
+def padded_to(mask: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], length - mask.shape[1])], 1)
+
+
 def test_mask_function_returns_padding_mask_or_none():
     full = torch.ones(2, 6, dtype=torch.bool)
     assert vitos_varlen_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=full) is None
@@ -251,13 +257,17 @@ def test_mask_function_returns_padding_mask_or_none():
     assert got.dtype == torch.bool and torch.equal(got, padded[:, -4:])
     # padding that lies outside the last kv_length columns does not matter
     assert vitos_varlen_mask(batch_size=2, q_length=1, kv_length=3, attention_mask=padded) is None
-    # a StaticCache: 10 slots, of which the first q_offset + q_length hold tokens
+    # a StaticCache (10 slots; its offset comes as a tensor): a 4-D boolean SDPA mask over the slots, built on the
+    # device, that never lets a query see a slot past the tokens written so far
+    slots = torch.arange(10)
     got = vitos_varlen_mask(batch_size=2, q_length=6, kv_length=10, q_offset=0, attention_mask=None)
-    assert got.dtype == torch.bool and torch.equal(got, full)
+    causal = slots[None, :] <= torch.arange(6)[:, None]
+    assert got.shape == (2, 1, 6, 10) and torch.equal(got, causal.expand(2, 1, 6, 10))
+    got = vitos_varlen_mask(batch_size=2, q_length=6, kv_length=10, q_offset=torch.tensor(0), attention_mask=full,
+                            allow_is_causal_skip=True)  # no padding: still materialized
+    assert torch.equal(got, causal.expand(2, 1, 6, 10))
     got = vitos_varlen_mask(batch_size=2, q_length=1, kv_length=10, q_offset=torch.tensor(5), attention_mask=padded)
-    assert torch.equal(got, padded)
-    assert vitos_varlen_mask(batch_size=2, q_length=1, kv_length=6, q_offset=torch.tensor(5),
-                             attention_mask=full) is None
+    assert got.shape == (2, 1, 1, 10) and torch.equal(got[:, 0, 0], padded_to(padded, 10))
 
 
 def test_registration_is_idempotent_and_validated():
@@ -464,3 +474,34 @@ def test_decode_offsets_are_built_once_per_step_not_per_layer(lm):
     assert info.hits == steps * (layers - 1)
     cu_q, cu_k = make(2, 1, 7, torch.device("cpu"))
     assert cu_q.dtype == torch.int32 and cu_q.tolist() == [0, 1, 2] and cu_k.tolist() == [0, 7, 14]
+
+
+@pytest.mark.skipif(not triton_available("cpu"), reason="needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+@pytest.mark.parametrize("case", ["packed prefill", "decode", "static-cache decode"])
+def test_compiled_language_model_traces_as_one_graph(lm, case):
+    """torch.compile sees the Triton op (a custom op with a fake under the interpreter) and must not break the graph
+    in the attention layers on these paths: no host reads, no logging, no id-keyed memo lookups."""
+    from transformers import DynamicCache, StaticCache
+
+    register_hf_attention(backend="triton")
+    lm.set_attn_implementation(HF_ATTENTION_NAME)
+    ids = torch.tensor([[BOS, 5, 9, 14, 3, 7, 21, 8]])
+    if case == "packed prefill":
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        kwargs = dict(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]), cu_seq_lens_q=cu,
+                      cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+    else:
+        cache = StaticCache(config=lm.config, max_cache_len=16) if case.startswith("static") else DynamicCache()
+        key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        mask = torch.tensor([[0] * 3 + [1] * 5, [1] * 8]) if case.startswith("static") else torch.ones(2, 8).long()
+        with torch.no_grad():
+            lm(input_ids=torch.cat([ids, ids]), attention_mask=mask, use_cache=True, **{key: cache})
+        # generate() drops an all-ones mask: an unpadded batch decodes with none (a padded one reads it on the host)
+        step_mask = torch.cat([mask, torch.ones(2, 1)], 1).long() if case.startswith("static") else None
+        kwargs = dict(input_ids=torch.tensor([[5], [6]]), attention_mask=step_mask,
+                      position_ids=torch.tensor([[5], [8]]), use_cache=True, **{key: cache})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(lm)(**kwargs)
+    lm.set_attn_implementation("eager")
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]

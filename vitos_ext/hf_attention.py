@@ -10,8 +10,8 @@ What the attention function handles (the cases FlashAttention-2 handles in trans
 - packed batches: `cu_seq_lens_q/k` + `max_length_q/k` kwargs (e.g. from DataCollatorWithFlattening or a vision
   tower), or 2-D position ids that restart (a new sequence starts wherever position != previous + 1);
 - decode / chunked prefill against a KV cache: lq < lk with bottom-right causal alignment.
-- preallocated caches (StaticCache): the mask function marks the slots written so far and the rest are never
-  attended.
+- preallocated caches (StaticCache): the mask function builds transformers' 4-D SDPA mask over the slots and the
+  attention runs SDPA (as attn_implementation="sdpa"), without a host read.
 Custom 4-D masks fall back to transformers' SDPA function. Dropout, sliding windows, logit soft-capping and
 attention sinks are not supported and raise.
 
@@ -23,7 +23,6 @@ patch belongs in vitos_ext/models/.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
@@ -34,7 +33,6 @@ from vitos_ext.profiling import nvtx_annotate
 __all__ = ["HF_ATTENTION_NAME", "register_hf_attention", "vitos_varlen_attention_forward", "vitos_varlen_mask"]
 
 HF_ATTENTION_NAME = "vitos_varlen"
-logger = logging.getLogger(__name__)
 _settings = {"backend": "auto"}
 
 
@@ -58,37 +56,37 @@ def register_hf_attention(backend: str = "auto", name: str = HF_ATTENTION_NAME) 
 
 def vitos_varlen_mask(*args, attention_mask: torch.Tensor | None = None, kv_length: int | None = None,
                       q_length: int | None = None, q_offset: int | torch.Tensor | None = None, **kwargs):
-    """Mask function for AttentionMaskInterface: the 2-D boolean padding mask [B, Lk'], or None if every key
-    position holds a token of the batch (causality is applied inside the kernel, bottom-right aligned, so no 4-D
-    mask is built).
+    """Mask function for AttentionMaskInterface: the 2-D boolean padding mask [B, kv_length], or None if there
+    is no padding (causality is applied inside the kernel, bottom-right aligned, so no 4-D mask is built).
 
-    A preallocated cache (StaticCache) hands the attention all `kv_length` slots, of which only the first
-    q_offset + q_length hold tokens so far: the mask then covers just those (Lk' < kv_length), and the attention
-    ignores the slots beyond it. The query rows are always the last q_length columns of the mask.
+    A preallocated cache (StaticCache) hands the attention all its slots, most of them not written yet: then the
+    mask is transformers' own 4-D SDPA mask over the slots (built on the device, no host read, so compiled decoding
+    stays one graph), and the attention runs SDPA with it, as attn_implementation="sdpa" would.
     """
-    seen = _tokens_seen(kv_length, q_length, q_offset)
+    if _has_unwritten_slots(kv_length, q_length, q_offset):
+        from transformers.masking_utils import sdpa_mask
+
+        kwargs.pop("allow_is_causal_skip", None)  # None would mean "no mask": the empty slots must be masked
+        return sdpa_mask(*args, attention_mask=attention_mask, kv_length=kv_length, q_length=q_length,
+                         q_offset=q_offset, allow_is_causal_skip=False, **kwargs)
     if attention_mask is None:
-        if seen is None or seen == kv_length:
-            return None
-        return torch.ones(kwargs.get("batch_size", 1), seen, dtype=torch.bool, device=kwargs.get("device"))
+        return None
     if attention_mask.dim() != 2:
         return attention_mask
-    keep = seen if seen is not None else kv_length
-    if keep is not None:
-        attention_mask = attention_mask[:, -keep:]
+    if kv_length is not None:
+        attention_mask = attention_mask[:, -kv_length:]
     attention_mask = attention_mask.bool()
     if (kv_length is None or attention_mask.shape[1] == kv_length) and bool(attention_mask.all()):
         return None
     return attention_mask
 
 
-def _tokens_seen(kv_length: int | None, q_length: int | None, q_offset: int | torch.Tensor | None) -> int | None:
-    """Key slots that hold tokens (the cached ones plus the queries), or None if the caller did not say. A
-    StaticCache passes q_offset as a tensor (to stay graph-friendly): reading it is one host sync per mask, i.e. per
-    forward, not per layer."""
-    if kv_length is None or q_length is None or q_offset is None:
-        return None
-    return min(int(q_offset) + q_length, kv_length)
+def _has_unwritten_slots(kv_length: int | None, q_length: int | None, q_offset: int | torch.Tensor | None) -> bool:
+    """Whether the keys include cache slots past the tokens seen so far (q_offset + q_length < kv_length). A
+    StaticCache reports its offset as a tensor (to stay graph-friendly): that alone says it is preallocated."""
+    if isinstance(q_offset, torch.Tensor):
+        return True
+    return None not in (kv_length, q_length, q_offset) and q_offset + q_length < kv_length
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,7 +221,6 @@ def vitos_varlen_attention_forward(
     if attention_mask is not None and attention_mask.dim() == 4:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        logger.debug("%s: custom 4-D mask, falling back to SDPA", HF_ATTENTION_NAME)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     _reject_unsupported(module, dropout, sliding_window, softcap, kwargs)
