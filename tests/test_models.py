@@ -413,7 +413,8 @@ def test_beam_search_with_boxes_equals_singles_and_keep_all_equals_unpatched(fam
 def test_static_cache_generate_equals_dynamic_cache(family, attention, implementation):
     """generate(cache_implementation="static") prebuilds the prefill's 4-D mask for the whole prompt: pruning reads
     the padding from it, and decoding continues from the compacted static cache (the slots past the kept tokens stay
-    unused). Same tokens and logits as with the dynamic cache, for a padded batch and a single unpadded prompt."""
+    unused). Same tokens and logits as with the dynamic cache, for a padded batch and a single unpadded prompt, and
+    the same beams."""
     model = patching.patch_model(build_model(family, attn_implementation=implementation), attention=attention)
     batch = make_batch(family, model, PROMPTS)
     for inputs, boxes in ((batch, BOXES), (select(batch, 0, family, model), boxes_of(0))):
@@ -423,6 +424,9 @@ def test_static_cache_generate_equals_dynamic_cache(family, attention, implement
         assert model.vitos_last_prefill.kept_counts.tolist() == counts
         assert static_tokens.tolist() == tokens.tolist()
         torch.testing.assert_close(static_logits, logits, rtol=0, atol=1e-5)
+    beams = dict(vitos_boxes=BOXES, num_beams=3, num_return_sequences=2)  # the prompts repeated before the prefill
+    assert greedy(model, batch, cache_implementation="static", **beams)[0].tolist() == \
+        greedy(model, batch, **beams)[0].tolist()
 
 
 def test_repeated_prompt_image_order():
