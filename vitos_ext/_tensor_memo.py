@@ -32,7 +32,10 @@ class TensorMemo:
 
     def lookup(self, tensors: Sequence[torch.Tensor], extra: Hashable = None) -> tuple[bool, Any]:
         """(True, value) if a value for these very tensors (unmodified since) and ``extra`` is stored, else
-        (False, None)."""
+        (False, None). Always a miss while torch.compile traces: the entries belong to eager calls, and tracing
+        through their weak references and versions would only add guards (or, on some releases, graph breaks)."""
+        if torch.compiler.is_compiling():
+            return False, None
         key = self._key(tensors, extra)
         for refs, stored_key, value in self._entries:
             if stored_key == key and len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors)):
