@@ -136,6 +136,37 @@ def test_infer_runs_as_a_console_command_without_network(checkpoint, images, tmp
     assert json.loads(done.stdout)["visual_tokens"] == 25
 
 
+def test_infer_merges_a_peft_adapter(offline, checkpoint, images, capsys):
+    """--adapter DIR: a LoRA fine-tune of the checkpoint, merged into its weights; the answer equals the pipeline on
+    the PEFT-wrapped model in process, and differs from the checkpoint alone."""
+    from peft import LoraConfig, get_peft_model
+
+    from vitos_ext.pipeline import DEFAULT_GROUNDING_PROMPT, ViToSPipeline
+    from vitos_ext.pipeline_cli import load_images, load_model_and_processor
+
+    base, processor = load_model_and_processor(checkpoint)
+    wrapped = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    wrapped.save_pretrained(offline / "adapter")
+    argv = ["infer", "--model", str(checkpoint), "--image", images["png"], "--question", QUESTION,
+            "--max-new-tokens", "8", "--json"]
+    assert cli.main([*argv, "--adapter", str(offline / "adapter")]) == 0
+    with_adapter = json.loads(capsys.readouterr().out)
+    assert cli.main(argv) == 0
+    without = json.loads(capsys.readouterr().out)
+    pipeline = ViToSPipeline(wrapped.eval(), processor, max_new_tokens=8, grounding_prompt=DEFAULT_GROUNDING_PROMPT)
+    in_process = pipeline(load_images([images["png"]]), QUESTION).as_dict()
+    assert with_adapter["grounding_text"] == in_process["grounding_text"]
+    assert with_adapter["answer_text"] == in_process["answer_text"]
+    assert (with_adapter["grounding_text"], with_adapter["answer_text"]) != (without["grounding_text"],
+                                                                             without["answer_text"])
+    assert cli.main([*argv, "--adapter", str(offline)]) == 2
+    assert "--adapter: " in capsys.readouterr().err
+
+
 def _unsupported_checkpoints(root: Path) -> dict[str, tuple[Path, str]]:
     text_only = root / "llama"
     transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

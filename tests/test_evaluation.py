@@ -283,3 +283,9 @@ def test_cli_reports_missing_files_clearly(tmp_path, capsys):
     path = write_eval_file(tmp_path, [{"dataset": "d"}])
     assert eval_main(["--model", str(tmp_path / "no-model"), "--data", str(path), "--no-progress"]) == 2
     assert "--model" in capsys.readouterr().err
+    assert eval_main(["--model", "tiny", "--adapter", str(tmp_path), "--data", str(path), "--no-progress"]) == 2
+    assert "--adapter needs a --model checkpoint folder with weights" in capsys.readouterr().err
+    folder = save_tiny_assets(tmp_path / "ckpt", model=build_tiny_model(seed=9))
+    assert eval_main(["--model", str(folder), "--adapter", str(tmp_path), "--data", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--adapter: " in err and "adapter_config.json" in err

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", required=True, help="local checkpoint directory (e.g. a downloaded Lingshu-7B)")
     infer.add_argument("--image", required=True, action="append", help="PNG/JPEG/DICOM file (repeatable)")
     infer.add_argument("--question", required=True)
+    infer.add_argument("--adapter", default=None,
+                       help="local PEFT adapter folder (e.g. a LoRA fine-tune of --model), merged into the weights")
     infer.add_argument("--device", default=None)
     infer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     infer.add_argument("--max-new-tokens", type=int, default=256)

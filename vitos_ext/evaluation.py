@@ -469,8 +469,10 @@ def _has_weights(path: Path) -> bool:
     return any(f.is_file() and f.name.endswith((".safetensors", ".bin", ".pt", ".pth")) for f in path.iterdir())
 
 
-def load_eval_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 0, progress=None):
-    """(model in eval mode on `device`, processor) for ``--model``.
+def load_eval_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 0, progress=None,
+                    adapter: str | Path | None = None):
+    """(model in eval mode on `device`, processor) for ``--model`` (and ``--adapter``: a PEFT adapter folder merged
+    into the weights).
 
     Args:
         spec: "tiny" (the embedded tiny Qwen2.5-VL, random weights from `seed`) or a local checkpoint folder. A folder
@@ -486,12 +488,17 @@ def load_eval_model(spec: str, device: torch.device, dtype: torch.dtype, seed: i
     from .pipeline_cli import InferError, load_model_and_processor, model_class_for
     from .tiny import build_tiny_model, build_tiny_processor, load_vl_processor
 
+    weightless = "--adapter needs a --model checkpoint folder with weights (the adapter was trained on them)"
     if spec == "tiny":
+        if adapter is not None:
+            raise InferError(weightless)
         return build_tiny_model(seed=seed, dtype=dtype).to(device), build_tiny_processor()
     path = Path(spec).expanduser()
     cls, config = model_class_for(path)
     if _has_weights(path):
-        return load_model_and_processor(path, dtype, device, progress)
+        return load_model_and_processor(path, dtype, device, progress, adapter)
+    if adapter is not None:
+        raise InferError(weightless)
     logger.warning("%s has no weights: evaluating a randomly initialized %s (seed %d)", path, cls.__name__, seed)
     try:
         processor = load_vl_processor(path)
@@ -511,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `vitos-ext eval`."""
     parser = argparse.ArgumentParser(prog="vitos-ext eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="'tiny' (embedded tiny VLM) or a local checkpoint folder")
+    parser.add_argument("--adapter", default=None, help="local PEFT adapter folder (e.g. a LoRA fine-tune of --model), "
+                        "merged into the weights")
     parser.add_argument("--data", required=True, help="evaluation JSON: {question, image, options, answer, dataset}")
     parser.add_argument("--out", default=None, help="results JSON (default: outputs/eval/<data name>.json)")
     parser.add_argument("--image-root", default=None, help="folder for relative image paths (default: the JSON's)")
@@ -595,7 +604,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         with progress(f"loading model {args.model}"):
-            model, processor = load_eval_model(args.model, device, dtype, args.seed, progress)
+            model, processor = load_eval_model(args.model, device, dtype, args.seed, progress, args.adapter)
         runners = _runners(args, model, processor)
     except InferError as error:
         print(f"vitos-ext eval: error: {error}", file=sys.stderr)

@@ -134,7 +134,8 @@ def _weights_size(path: Path) -> int:
 
 
 def load_model_and_processor(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                             device: torch.device | str = "cpu", progress: StagePrinter | None = None):
+                             device: torch.device | str = "cpu", progress: StagePrinter | None = None,
+                             adapter: str | os.PathLike | None = None):
     """Load a supported VLM checkpoint and its processor from a local folder, offline.
 
     Args:
@@ -142,6 +143,9 @@ def load_model_and_processor(directory: str | os.PathLike, dtype: torch.dtype = 
         dtype: parameter dtype.
         device: where the model goes.
         progress: prints the stages (default: silent).
+        adapter: optional PEFT adapter folder (adapter_config.json + weights, e.g. a LoRA fine-tune of the
+            checkpoint): loaded onto the model and merged into its weights, so inference runs at the base model's
+            speed.
 
     Returns:
         (model in eval mode on `device`, processor).
@@ -163,10 +167,28 @@ def load_model_and_processor(directory: str | os.PathLike, dtype: torch.dtype = 
     with progress(f"loading {cls.__name__} ({size / 1e9:.2f} GB of weights) as {str(dtype).split('.')[-1]} "
                   f"onto {device}"):
         model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
-        model = model.to(device).eval()
+    if adapter is not None:
+        model = _merged_adapter(model, adapter, progress)
+    model = model.to(device).eval()
     count = sum(p.numel() for p in model.parameters())
     progress.line(f"{count / 1e9:.2f} B parameters" if count >= 1e8 else f"{count / 1e6:.2f} M parameters")
     return model, processor
+
+
+def _merged_adapter(model: torch.nn.Module, adapter: str | os.PathLike, progress: StagePrinter) -> torch.nn.Module:
+    """`model` with the PEFT adapter in folder `adapter` merged into its weights (the same class comes back)."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise InferError(f"--adapter: {path} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise InferError("--adapter needs the peft package: pip install peft") from None
+    with progress(f"merging the adapter from {path}"):
+        try:
+            return PeftModel.from_pretrained(model, path, local_files_only=True).merge_and_unload()
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise InferError(f"--adapter: cannot apply {path} to this checkpoint: {error}") from None
 
 
 def load_images(paths: list[str]):
@@ -240,7 +262,7 @@ def _infer(args: Any) -> int:
     dtype = resolve_dtype(args.dtype, device)
     with progress(f"reading {len(args.image)} image(s)"):
         images = load_images(args.image)
-    model, processor = load_model_and_processor(args.model, dtype, device, progress)
+    model, processor = load_model_and_processor(args.model, dtype, device, progress, getattr(args, "adapter", None))
     try:
         pipeline = ViToSPipeline(
             model, processor, dilate=args.dilate, fuse=getattr(args, "fuse", False),
