@@ -360,6 +360,13 @@ def test_peft_lora_policy_trains_only_its_adapters(phantom, tmp_path):
     resumed = get_peft_model(resumed_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     DualStreamGRPOTrainer(resumed, processor, train, config).train(resume=True)  # complete: loads, trains nothing
     assert all(torch.equal(after[name], p) for name, p in _parameters(resumed).items())
+    # final/ is a plain model folder with the adapters merged (what from_pretrained / infer / the demo load), and
+    # final/adapter the adapter alone
+    exported = type(model).from_pretrained(tmp_path / "final").eval()
+    merged = policy.merge_and_unload()
+    assert exported.state_dict().keys() == merged.state_dict().keys()
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in merged.state_dict().items())
+    assert (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
 
 
 def _train(tmp_path: Path, phantom, stop_at_step=None, resume=False, schedule="stages", **changes):

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "merged_lora_state_dict",
     "save_model_folder",
     "TRACKER_FILE",
     "CheckpointInfo",
@@ -269,15 +270,57 @@ def read_tracker(checkpoints_dir: str | os.PathLike) -> CheckpointInfo | None:
 
 
 def save_model_folder(directory: str | os.PathLike, model: torch.nn.Module, processor=None,
-                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                      state_dict: dict[str, torch.Tensor] | None = None, merge_adapters: bool = False) -> Path:
     """A plain model folder (weights, config, generation config, processor) for inference / the demo, replacing
     any folder of that name; checkpoints start from one. ``state_dict`` replaces ``model.state_dict()`` (the
-    gathered weights of a sharded model)."""
+    gathered weights of a sharded model).
+
+    With ``merge_adapters`` a PEFT LoRA policy is exported with its adapters merged into the weights (a folder that
+    from_pretrained, the demo and ``vitos-ext infer`` load as the plain model), plus the adapter alone in
+    ``adapter/`` (PEFT's format). Without it (checkpoints: exact resume) the weights keep the wrapper's names.
+    """
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    _save_weights(model, directory, state_dict)
+    merged = merged_lora_state_dict(model) if merge_adapters and state_dict is None else None
+    if merged is not None:
+        _save_weights(model.get_base_model(), directory, merged)
+        model.save_pretrained(directory / "adapter")
+    else:
+        _save_weights(model, directory, state_dict)
     if processor is not None:
         processor.save_pretrained(directory)
     return directory
+
+
+def merged_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """For a PEFT model with LoRA adapters: the wrapped model's state dict under its own names, with each active
+    adapter's delta added to its base weight (layer by layer, through PEFT's get_delta_weight; the policy itself is
+    not modified). None for any other model.
+
+    Raises:
+        NotImplementedError for adapters this cannot merge exactly (DoRA, LoRA on embeddings or convolutions).
+    """
+    get_base_model = getattr(model, "get_base_model", None)
+    if not callable(get_base_model) or get_base_model() is model:
+        return None
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    base = get_base_model()
+    state = {name.replace(".base_layer.", "."): tensor for name, tensor in base.state_dict().items()
+             if ".lora_" not in name}
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        extras = [getattr(module, option, {}) for option in ("use_dora", "lora_bias")]
+        if not isinstance(module, LoraLinear) or any(e.get(a, False) for e in extras for a in module.active_adapters):
+            raise NotImplementedError(f"cannot export {name} ({type(module).__name__}) merged: only plain LoRA on "
+                                      "linear layers (no DoRA, no LoRA bias) is merged; save the adapter with "
+                                      "save_pretrained instead")
+        key = f"{name}.weight"
+        with torch.no_grad():
+            for adapter in module.active_adapters:
+                state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
+    return state

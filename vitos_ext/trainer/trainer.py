@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..patching import is_patched, patch_model
+from ..patching import inner_model, is_patched, patch_model
 from ..profiling import nvtx_range
 from .batching import PromptBatch, build_sequences
 from .checkpoint import (
@@ -150,6 +150,9 @@ class DualStreamGRPOTrainer:
         self.dist = distributed if isinstance(distributed, DataParallel) else setup_distributed(distributed,
                                                                                                 self.device)
         self.is_main = self.dist.is_main
+        if inner_model(model) is not model and self.dist.strategy == "fsdp2":
+            raise ValueError("a PEFT policy trains in one process or with DDP (DistributedConfig(strategy='ddp')); "
+                             "FSDP2 is not supported for it")
         self._check_data_parallel_sizes()
         self.forward_layout = forward_layout if forward_layout is not None else \
             config.forward_layout
@@ -400,7 +403,8 @@ class DualStreamGRPOTrainer:
     def _finish(self) -> None:
         model_state = self.dist.model_state_dict(self.model)  # collective under FSDP2
         if self.is_main:
-            save_model_folder(self.output_dir / "final", self.model, self.processor, state_dict=model_state)
+            save_model_folder(self.output_dir / "final", self.model, self.processor, state_dict=model_state,
+                              merge_adapters=True)
             results = self.state["eval_results"]
             if results:
                 (self.output_dir / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
