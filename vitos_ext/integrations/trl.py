@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .. import rewards as _rewards
-from ..patching import is_patched, patch_model
+from ..patching import inner_model, is_patched, patch_model
 from ..profiling import nvtx_range
 
 try:
@@ -230,9 +230,7 @@ class ViToSGRPOTrainer(GRPOTrainer):
 
     def _patched_instance(self, model: torch.nn.Module) -> torch.nn.Module:
         """The *ForConditionalGeneration instance under accelerate / DDP / PEFT wrappers."""
-        model = self.accelerator.unwrap_model(model)
-        get_base_model = getattr(model, "get_base_model", None)
-        return get_base_model() if callable(get_base_model) else model
+        return inner_model(self.accelerator.unwrap_model(model))
 
     # -- boxes per row and per image -----------------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..patching import inner_model
+
 __all__ = [
     "merged_lora_state_dict",
     "save_model_folder",
@@ -285,7 +287,7 @@ def save_model_folder(directory: str | os.PathLike, model: torch.nn.Module, proc
     directory.mkdir(parents=True)
     merged = merged_lora_state_dict(model) if merge_adapters and state_dict is None else None
     if merged is not None:
-        _save_weights(model.get_base_model(), directory, merged)
+        _save_weights(inner_model(model), directory, merged)
         model.save_pretrained(directory / "adapter")
     else:
         _save_weights(model, directory, state_dict)
@@ -302,13 +304,12 @@ def merged_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | 
     Raises:
         NotImplementedError for adapters this cannot merge exactly (DoRA, LoRA on embeddings or convolutions).
     """
-    get_base_model = getattr(model, "get_base_model", None)
-    if not callable(get_base_model) or get_base_model() is model:
+    base = inner_model(model)
+    if base is model:
         return None
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    base = get_base_model()
     state = {name.replace(".base_layer.", "."): tensor for name, tensor in base.state_dict().items()
              if ".lora_" not in name}
     for name, module in base.named_modules():
