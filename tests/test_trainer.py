@@ -367,6 +367,9 @@ def test_peft_lora_policy_trains_only_its_adapters(phantom, tmp_path):
     assert exported.state_dict().keys() == merged.state_dict().keys()
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in merged.state_dict().items())
     assert (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
+    dora = get_peft_model(_tiny(seed=2)[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    with pytest.raises(NotImplementedError, match="no DoRA"):  # refused before training, not at the final export
+        DualStreamGRPOTrainer(dora, processor, train, _config(tmp_path / "dora"))
 
 
 def _train(tmp_path: Path, phantom, stop_at_step=None, resume=False, schedule="stages", **changes):

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from ..patching import inner_model
 
 __all__ = [
+    "check_lora_exportable",
     "merged_lora_state_dict",
     "save_model_folder",
     "TRACKER_FILE",
@@ -302,26 +303,40 @@ def merged_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | 
     not modified). None for any other model.
 
     Raises:
-        NotImplementedError for adapters this cannot merge exactly (DoRA, LoRA on embeddings or convolutions).
+        NotImplementedError for adapters this cannot merge exactly (see :func:`check_lora_exportable`).
     """
     base = inner_model(model)
     if base is model:
         return None
+    state = {name.replace(".base_layer.", "."): tensor for name, tensor in base.state_dict().items()
+             if ".lora_" not in name}
+    with torch.no_grad():
+        for name, module in _mergeable_lora_layers(base):
+            key = f"{name}.weight"
+            for adapter in module.active_adapters:
+                state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
+    return state
+
+
+def check_lora_exportable(model: torch.nn.Module) -> None:
+    """Raise NotImplementedError now, not after training, if `model` is a PEFT model whose adapters
+    :func:`merged_lora_state_dict` cannot merge exactly (DoRA, LoRA bias, LoRA on embeddings or convolutions)."""
+    base = inner_model(model)
+    if base is not model:
+        _mergeable_lora_layers(base)
+
+
+def _mergeable_lora_layers(base: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every LoRA layer of `base`; NotImplementedError naming the first one that is not a plain
+    LoRA linear layer."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    state = {name.replace(".base_layer.", "."): tensor for name, tensor in base.state_dict().items()
-             if ".lora_" not in name}
-    for name, module in base.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    layers = [(name, module) for name, module in base.named_modules() if isinstance(module, LoraLayer)]
+    for name, module in layers:
         extras = [getattr(module, option, {}) for option in ("use_dora", "lora_bias")]
         if not isinstance(module, LoraLinear) or any(e.get(a, False) for e in extras for a in module.active_adapters):
             raise NotImplementedError(f"cannot export {name} ({type(module).__name__}) merged: only plain LoRA on "
                                       "linear layers (no DoRA, no LoRA bias) is merged; save the adapter with "
                                       "save_pretrained instead")
-        key = f"{name}.weight"
-        with torch.no_grad():
-            for adapter in module.active_adapters:
-                state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
-    return state
+    return layers

@@ -41,6 +41,7 @@ from ..profiling import nvtx_range
 from .batching import PromptBatch, build_sequences
 from .checkpoint import (
     capture_rng_state,
+    check_lora_exportable,
     load_checkpoint_weights,
     read_tracker,
     save_checkpoint,
@@ -153,6 +154,7 @@ class DualStreamGRPOTrainer:
         if inner_model(model) is not model and self.dist.strategy == "fsdp2":
             raise ValueError("a PEFT policy trains in one process or with DDP (DistributedConfig(strategy='ddp')); "
                              "FSDP2 is not supported for it")
+        check_lora_exportable(model)  # final/ merges the adapters: an unmergeable kind fails now, not after training
         self._check_data_parallel_sizes()
         self.forward_layout = forward_layout if forward_layout is not None else \
             config.forward_layout
