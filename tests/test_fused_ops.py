@@ -259,6 +259,9 @@ def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(fused_mod._kernels, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         swiglu(torch.ones(2), torch.ones(2), backend="triton")
+    monkeypatch.setattr(fused_mod, "_kernels", None)  # no triton at all
+    with pytest.raises(RuntimeError, match="swiglu: backend='triton' needs the triton package"):
+        swiglu(torch.ones(2), torch.ones(2), backend="triton")
     # auto falls back to the reference on CPU
     torch.testing.assert_close(swiglu(torch.ones(2), torch.ones(2)), swiglu_reference(torch.ones(2), torch.ones(2)))
 

@@ -22,6 +22,15 @@ def triton_runs_on(kernels: Any, device: torch.device | str) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and kernels.INTERPRET)
 
 
+def triton_unavailable_message(kernels: Any, device: torch.device | str) -> str:
+    """Why backend="triton" cannot run on tensors of `device` (for when :func:`triton_runs_on` says so)."""
+    if kernels is None:
+        return ("backend='triton' needs the triton package, which is not installed (torch wheels for macOS and "
+                "Windows ship without it); use backend='reference'")
+    return (f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before importing "
+            f"vitos_ext); got tensors on {torch.device(device)}")
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when its last dim is contiguous (the kernels take any other strides), else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vitos_ext.ops._registration import (TRITON_DTYPES, define_triton_op, eager_fast_path, last_dim_contiguous,
-                                         triton_runs_on)
+                                         triton_runs_on, triton_unavailable_message)
 from vitos_ext.profiling import nvtx_annotate
 from vitos_ext.reference import varlen_attention_reference
 
@@ -144,9 +144,7 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 def _check_triton_inputs(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) -> None:
     if not triton_available(q.device):
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before importing "
-            f"vitos_ext); got tensors on {q.device}")
+        raise RuntimeError(triton_unavailable_message(_kernels, q.device))
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {q.dtype}")
     if not _kernels.head_dim_is_supported(q.shape[2]):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from vitos_ext.ops._registration import (TRITON_DTYPES, define_triton_op, eager_fast_path, last_dim_contiguous,
-                                         triton_runs_on)
+                                         triton_runs_on, triton_unavailable_message)
 from vitos_ext.reference import rms_norm_reference, rotary_embedding_reference, swiglu_reference
 
 try:
@@ -43,8 +43,7 @@ def _use_triton(backend: str, op: str, tensors: dict[str, torch.Tensor]) -> bool
     if not fused_kernels_available(first.device):
         if backend == "auto":
             return False
-        raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
-                           f"set before importing vitos_ext); got tensors on {first.device}")
+        raise RuntimeError(f"{op}: {triton_unavailable_message(_kernels, first.device)}")
     unsupported = [f"{name} {t.dtype}" for name, t in tensors.items() if t.dtype not in TRITON_DTYPES]
     if unsupported:
         if backend == "auto":
