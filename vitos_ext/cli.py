@@ -34,6 +34,10 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main(args.rest)
 
 
+# the --adapter option of `infer` and `eval` (both load through pipeline_cli.load_model_and_processor)
+ADAPTER_HELP = "local PEFT adapter folder (e.g. a LoRA fine-tune of --model), merged into the weights"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitos-ext", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", required=True, help="local checkpoint directory (e.g. a downloaded Lingshu-7B)")
     infer.add_argument("--image", required=True, action="append", help="PNG/JPEG/DICOM file (repeatable)")
     infer.add_argument("--question", required=True)
-    infer.add_argument("--adapter", default=None,
-                       help="local PEFT adapter folder (e.g. a LoRA fine-tune of --model), merged into the weights")
+    infer.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     infer.add_argument("--device", default=None)
     infer.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     infer.add_argument("--max-new-tokens", type=int, default=256)

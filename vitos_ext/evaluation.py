@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .cli import ADAPTER_HELP
 from .data.dataset import Sample, SkippedRow, ValidationReport, load_vitos_json
 from .data.images import load_image
 from .parsing import extract_choice, parse_output, split_inline_options
@@ -518,8 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `vitos-ext eval`."""
     parser = argparse.ArgumentParser(prog="vitos-ext eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="'tiny' (embedded tiny VLM) or a local checkpoint folder")
-    parser.add_argument("--adapter", default=None, help="local PEFT adapter folder (e.g. a LoRA fine-tune of --model), "
-                        "merged into the weights")
+    parser.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     parser.add_argument("--data", required=True, help="evaluation JSON: {question, image, options, answer, dataset}")
     parser.add_argument("--out", default=None, help="results JSON (default: outputs/eval/<data name>.json)")
     parser.add_argument("--image-root", default=None, help="folder for relative image paths (default: the JSON's)")
