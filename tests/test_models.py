@@ -934,6 +934,22 @@ def test_packed_prefill_equals_the_left_padded_prefill(family, monkeypatch):
             assert not got.transpose(1, 2)[~mask].any()  # padding positions are zeros
 
 
+def test_packed_prefill_reads_no_deprecated_output_field(monkeypatch):
+    """transformers >= 5.2x renamed the output's past_key_values to cache and logs a deprecation on the old name: the
+    packed prefill's hook must read whichever field the installed release has, silently."""
+    from transformers.utils import generic
+    messages = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *args, **kwargs: messages.append(message))
+    family = FAMILIES[1]
+    calls = _packed_spy(monkeypatch)
+    model = patching.patch_model(build_model(family), attention="varlen")
+    batch = make_batch(family, model, PROMPTS)
+    greedy(model, batch, steps=2, vitos_boxes=BOXES)
+    with torch.no_grad():
+        model(**batch, vitos_boxes=BOXES, use_cache=False)  # no cache in the output: the old name was tried too
+    assert len(calls) == 2 and not messages
+
+
 def test_packed_prefill_only_where_it_applies(monkeypatch):
     family = FAMILIES[1]
     calls = _packed_spy(monkeypatch)

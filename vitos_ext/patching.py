@@ -1023,8 +1023,9 @@ def _language_model_post_hook(state: _PatchState, module: torch.nn.Module, args:
     padded = padded.view(batch, length, -1)
     if isinstance(output, tuple):
         cache = output[1] if len(output) > 1 else None
-    else:  # transformers >= 5.2x names the field "cache", earlier releases "past_key_values"
-        cache = next((output[name] for name in ("cache", "past_key_values") if output.get(name) is not None), None)
+    else:  # transformers >= 5.2x names the field "cache" (reading the old name logs a deprecation), earlier releases
+        # "past_key_values"
+        cache = output.get("cache" if "cache" in getattr(output, "__dataclass_fields__", ()) else "past_key_values")
     if cache is not None:
         _left_pad_cache(cache, rows, batch, length)
     if isinstance(output, tuple):
