@@ -243,6 +243,21 @@ def test_unsupported_features_raise():
         vitos_varlen_attention_forward(_Module(HF_ATTENTION_NAME), query, key, value, None, dropout=0.1)
 
 
+def test_output_attentions_says_there_are_no_weights(caplog):
+    from vitos_ext import hf_attention
+
+    hf_attention._warn_no_attention_weights.cache_clear()
+    query = key = value = torch.randn(1, 2, 4, 64)
+    with caplog.at_level("WARNING", logger="vitos_ext.hf_attention"):
+        out, weights = vitos_varlen_attention_forward(_Module(HF_ATTENTION_NAME), query, key, value, None,
+                                                      output_attentions=True)
+        vitos_varlen_attention_forward(_Module(HF_ATTENTION_NAME), query, key, value, None, output_attentions=True)
+    assert weights is None and out.shape == (1, 4, 2, 64)
+    assert [r.getMessage() for r in caplog.records].count(
+        "vitos_varlen attention does not return attention weights (output_attentions=True gives none); load the "
+        "model with attn_implementation='eager' to get them") == 1  # once per process
+
+
 def padded_to(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask, mask.new_zeros(mask.shape[0], length - mask.shape[1])], 1)
 

@@ -23,6 +23,7 @@ patch belongs in vitos_ext/models/.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -34,6 +35,7 @@ __all__ = ["HF_ATTENTION_NAME", "register_hf_attention", "vitos_varlen_attention
 
 HF_ATTENTION_NAME = "vitos_varlen"
 _settings = {"backend": "auto"}
+logger = logging.getLogger(__name__)
 
 
 def register_hf_attention(backend: str = "auto", name: str = HF_ATTENTION_NAME) -> str:
@@ -192,6 +194,14 @@ def _reject_unsupported(module, dropout, sliding_window, softcap, kwargs) -> Non
         raise NotImplementedError(f"{HF_ATTENTION_NAME} attention does not implement logit soft-capping")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"{HF_ATTENTION_NAME} attention does not implement attention sinks (s_aux)")
+    if kwargs.get("output_attentions"):  # like transformers' sdpa / flash backends: say so instead of a silent []
+        _warn_no_attention_weights()
+
+
+@functools.cache
+def _warn_no_attention_weights() -> None:
+    logger.warning(f"{HF_ATTENTION_NAME} attention does not return attention weights (output_attentions=True "
+                   "gives none); load the model with attn_implementation='eager' to get them")
 
 
 # ----------------------------------------------------------------------------------------------------------
