@@ -295,6 +295,8 @@ BAD_INPUTS = [
     ("max_seqlen_k_too_small", lambda a: a.update(max_seqlen_k=2), ValueError, "max_seqlen_k=2"),
     ("max_seqlen_float", lambda a: a.update(max_seqlen_q=5.0), TypeError, "max_seqlen_q"),
     ("unknown_backend", lambda a: a.update(backend="flash"), ValueError, "backend"),
+    ("nan_scale", lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
+    ("inf_scale", lambda a: a.update(softmax_scale=float("inf")), ValueError, "softmax_scale must be finite"),
 ]
 
 

@@ -515,6 +515,40 @@ def test_manual_decoding_from_the_compacted_cache(family):
     torch.testing.assert_close(decoded.logits[:, -1], logits[:, 1], rtol=0, atol=1e-5)
 
 
+def test_generate_refuses_to_continue_a_pruned_cache(family):
+    """generate() resumes a cache by skipping its length in input_ids; a pruned prompt's cache is shorter than the
+    prompt, so continuing it from the whole conversation would read the wrong tokens: a clear error instead. A cache
+    of an unpruned prompt continues as on the unpatched model."""
+    model = patching.patch_model(build_model(family))
+    sample = select(make_batch(family, model, PROMPTS), 1, family, model)
+    keyword = cache_keyword(family.model_class.forward)
+
+    def continuation(sequences):
+        ids = torch.cat([sequences, torch.tensor([[20, 21]])], dim=1)
+        follow_up = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if not family.is_llava:
+            follow_up["mm_token_type_ids"] = (ids == IMAGE).long()
+            follow_up["image_grid_thw"] = sample["image_grid_thw"]
+        return follow_up
+
+    with torch.no_grad():
+        first = model.generate(**sample, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                               vitos_boxes=boxes_of(1))
+        with pytest.raises(ValueError, match=f"{keyword}: this cache holds a token-pruned prompt"):
+            model.generate(**continuation(first.sequences), **{keyword: cache_of(first)}, max_new_tokens=2)
+        forward_cache = cache_of(model(**sample, vitos_boxes=boxes_of(1), use_cache=True))
+        with pytest.raises(ValueError, match="token-pruned prompt"):
+            model.generate(**continuation(first.sequences), **{keyword: forward_cache}, max_new_tokens=2)
+
+        reference = build_model(family)
+        results = []
+        for m in (model, reference):
+            full = m.generate(**sample, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+            results.append(m.generate(**continuation(full.sequences), **{keyword: cache_of(full)},
+                                      max_new_tokens=3, do_sample=False))
+    assert torch.equal(results[0], results[1])
+
+
 def test_pruned_forward_with_labels_compacts_them_and_backpropagates(family):
     model = patching.patch_model(build_model(family))
     batch = make_batch(family, model, PROMPTS)

@@ -642,6 +642,8 @@ def _patched_forward(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
     finally:
         _ACTIVE_REQUEST.reset(token)
     _check_pruned(request)
+    if request.pruned is not None:
+        _mark_pruned_cache(_output_cache(output))
     if labels is not None:
         output = _with_compacted_loss(model, output, labels, request, kwargs)
         if return_dict is False:
@@ -695,6 +697,7 @@ def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     vitos = _pop_vitos_arguments(kwargs)
     model.__dict__["vitos_last_prefill"] = None
     _ensure_language_model_attention(state)
+    _refuse_pruned_cache(kwargs)
     if not _wants_request(vitos):
         return original(*args, **kwargs)
     _check_generation_mode(model, kwargs, vitos)
@@ -711,6 +714,35 @@ def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         _ACTIVE_REQUEST.reset(token)
     _check_pruned(request)
     return output
+
+
+_PRUNED_CACHE_TAG = "_vitos_pruned_prompt"
+
+
+def _mark_pruned_cache(cache: Any) -> None:
+    """Tag a KV cache that holds a pruned prompt: it is shorter than the prompt's input_ids."""
+    if cache is not None:
+        setattr(cache, _PRUNED_CACHE_TAG, True)
+
+
+def _output_cache(output: Any) -> Any:
+    """A model output's KV cache: transformers >= 5.2x names the field "cache" (reading the old name logs a
+    deprecation), earlier releases "past_key_values"."""
+    if isinstance(output, tuple):
+        return next((item for item in output if hasattr(item, "get_seq_length")), None)
+    return output.get("cache" if "cache" in getattr(output, "__dataclass_fields__", ()) else "past_key_values")
+
+
+def _refuse_pruned_cache(kwargs: dict[str, Any]) -> None:
+    """generate() resumes a cache by dropping the first cache-length columns of input_ids; for a cache that holds a
+    pruned prompt those are not the columns it holds, so the continuation would be silently wrong."""
+    name = "cache" if kwargs.get("cache") is not None else "past_key_values"
+    cache = kwargs.get(name)
+    if cache is not None and getattr(cache, _PRUNED_CACHE_TAG, False) and cache.get_seq_length() > 0:
+        raise ValueError(f"{name}: this cache holds a token-pruned prompt (fewer entries than the prompt's "
+                         "input_ids), so generate() cannot continue it from the full conversation; call generate() "
+                         "on the whole conversation again with the vitos_* arguments (or continue with your own "
+                         "forward() steps, using model.vitos_last_prefill's attention_mask and next_position)")
 
 
 def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos: dict[str, Any]) -> None:
@@ -903,6 +935,7 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
     elif pruned.position_ids.dim() == 2 and _packs_by_position(adapter.language_model(model).config):
         kwargs.update(_explicit_sequence_bounds(pruned))
     adapter.set_rope_deltas(model, pruned)
+    _mark_pruned_cache(kwargs.get("cache", kwargs.get("past_key_values")))
     request.pruned = pruned
     request.generate_kwargs_pending = request.in_generate
     model.__dict__["vitos_last_prefill"] = pruned.without_embeddings()
@@ -1023,9 +1056,8 @@ def _language_model_post_hook(state: _PatchState, module: torch.nn.Module, args:
     padded = padded.view(batch, length, -1)
     if isinstance(output, tuple):
         cache = output[1] if len(output) > 1 else None
-    else:  # transformers >= 5.2x names the field "cache" (reading the old name logs a deprecation), earlier releases
-        # "past_key_values"
-        cache = output.get("cache" if "cache" in getattr(output, "__dataclass_fields__", ()) else "past_key_values")
+    else:
+        cache = _output_cache(output)
     if cache is not None:
         _left_pad_cache(cache, rows, batch, length)
     if isinstance(output, tuple):

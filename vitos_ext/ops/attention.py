@@ -314,7 +314,7 @@ def varlen_attention(
             sizes the kernel grid, so a tight value launches fewer idle programs).
         causal: bottom-right aligned mask, query i sees keys j <= i + lk - lq (FlashAttention's convention), so the
             same call serves prefill (lq == lk) and decode / chunked prefill against a KV cache (lq < lk).
-        softmax_scale: defaults to 1/sqrt(D).
+        softmax_scale: finite float, defaults to 1/sqrt(D).
         backend: "auto" | "triton" | "cuda" | "torch" | "reference" (see the module docstring).
         check_values: validate the cu_seqlens values (first 0, monotone, last == rows, max_seqlen large enough).
             That costs one tiny device->host copy (a sync on CUDA); it is skipped automatically under
@@ -328,6 +328,8 @@ def varlen_attention(
     if check_values and not torch.compiler.is_compiling():
         _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale):  # every output row would be NaN
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     causal = bool(causal)
     resolved = _resolve_backend(backend, q)
     if resolved == "triton":
