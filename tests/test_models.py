@@ -429,6 +429,35 @@ def test_static_cache_generate_equals_dynamic_cache(family, attention, implement
         greedy(model, batch, **beams)[0].tolist()
 
 
+def test_static_cache_generate_with_auto_compiled_decoding():
+    """On CUDA, generate() with a static cache compiles the model's __call__ for the decoding steps, which run the
+    patched forward: same tokens and logits as uncompiled. Forced on this CPU with the compile config's all-devices
+    switch, Dynamo only (eager backend)."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    family = FAMILIES[1]
+    model = patching.patch_model(build_model(family), attention="varlen")
+    batch = make_batch(family, model, PROMPTS)
+    want_tokens, want_logits = greedy(model, batch, vitos_boxes=BOXES, cache_implementation="static")
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True
+    calls = []
+    compiled_call = model.get_compiled_call
+
+    def spy(compile_config):
+        calls.append(compile_config)
+        return compiled_call(compile_config)
+
+    model.get_compiled_call = spy
+    tokens, logits = greedy(model, batch, vitos_boxes=BOXES, cache_implementation="static", compile_config=config)
+    del model.get_compiled_call
+    torch._dynamo.reset()
+    assert calls  # the decoding steps did run compiled
+    assert tokens.tolist() == want_tokens.tolist()
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_repeated_prompt_image_order():
     order = patching._repeated_prompt_image_order
     assert order([4, 3, 0], [4, 1, 2], 2) == [0, 0, 1, 2, 1, 2]
@@ -513,6 +542,22 @@ def test_manual_decoding_from_the_compacted_cache(family):
             assert torch.equal(model.model.rope_deltas, stats.next_position[:, None] - stats.kept_counts[:, None])
         decoded = model(**step, **{cache_keyword(family.model_class.forward): cache_of(prefill)}, use_cache=True)
     torch.testing.assert_close(decoded.logits[:, -1], logits[:, 1], rtol=0, atol=1e-5)
+
+
+def test_torch_compile_of_the_patched_model():
+    """torch.compile(model) traces the patched forward and get_image_features: they must reach the class's own
+    methods, not resolve back to the patched instance attributes (that recursed endlessly). Dynamo only (eager
+    backend): what broke was the tracing."""
+    torch._dynamo.reset()
+    family = FAMILIES[1]
+    model = patching.patch_model(build_model(family), attention="varlen")
+    batch = make_batch(family, model, PROMPTS)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        for vitos in ({}, {"vitos_boxes": BOXES}):
+            want = model(**batch, **vitos).logits
+            torch.testing.assert_close(compiled(**batch, **vitos).logits, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_generate_refuses_to_continue_a_pruned_cache(family):

@@ -234,7 +234,11 @@ def _is_supported(model: torch.nn.Module) -> bool:
 
 def _original(state: _PatchState, name: str):
     previous = state.previous.get(name)
-    return previous if previous is not None else getattr(type(state.model), name).__get__(state.model)
+    if previous is not None:
+        return previous
+    # the class's function applied to the instance, not a bound method: torch.compile resolves a bound `forward`
+    # through the instance, i.e. back to the patched one (endless recursion under torch.compile(model))
+    return functools.partial(getattr(type(state.model), name), state.model)
 
 
 def _request_for(state: _PatchState | None) -> _Request | None:
@@ -864,7 +868,8 @@ def _patched_get_image_features(base_model: torch.nn.Module, args: tuple, kwargs
         request.encoded_rows = request.image_features.num_tokens
         return request.image_features.output
     previous = state.previous_image_features if state is not None else None
-    original = previous if previous is not None else type(base_model).get_image_features.__get__(base_model)
+    original = previous if previous is not None else \
+        functools.partial(type(base_model).get_image_features, base_model)  # see _original
     output = original(*args, **kwargs)
     if request is not None and hasattr(output, "pooler_output"):
         request.encoded_rows = state.adapter.feature_rows(output)

@@ -68,8 +68,10 @@ _NO_RANGE = contextlib.nullcontext()
 
 def nvtx_range(name: str):
     """Context manager marking `name` as an NVTX range (a no-op unless a profiler listens; see the module doc)."""
+    if torch.compiler.is_compiling():  # first: Dynamo warns about tracing the lru_cache-wrapped _backend()
+        return _NO_RANGE
     backend = _backend()
-    if backend is None or torch.compiler.is_compiling():
+    if backend is None:
         return _NO_RANGE
     return _Pushed(backend[0], backend[1], name)
 
