@@ -103,7 +103,7 @@ def response_log_probs(model, pruned, response_length: int) -> torch.Tensor:
 
 def masked_reference_log_probs(model, batch: dict, pruned, response_length: int) -> torch.Tensor:
     """The same log-probs from the padded, unpruned batch with the dropped tokens masked out of attention."""
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    input_ids = batch["input_ids"]
     length = input_ids.shape[1]
     embeds = packed_inputs_embeds(model, input_ids, batch["pixel_values"], batch["image_grid_thw"])
     kept = pruned.scatter(torch.ones(pruned.num_tokens, dtype=torch.bool, device=input_ids.device), False)
