@@ -19,6 +19,7 @@ from vitos_ext.data import (
     load_vitos_json,
     make_phantom_record,
     make_scan_like_image,
+    to_rgb_image,
     validate_row,
     write_phantom_dataset,
 )
@@ -419,6 +420,27 @@ def test_dicom_variants(tmp_path):
     dataset.save_as(tmp_path / "mr_nowindow.dcm")
     stretched = _gray(load_image(tmp_path / "mr_nowindow.dcm"))  # not CT, no window: full data range
     assert stretched.min() == 0 and stretched.max() == 255
+
+
+def test_in_memory_images_are_read_like_files(tmp_path):
+    """A 16-bit PIL image or array (e.g. a DICOM pixel_array) is stretched to 8 bits as load_image does for files;
+    a plain convert("RGB") would clip everything above 255 to white."""
+    raw = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
+    Image.fromarray(raw).save(tmp_path / "c.png")
+    from_file = np.asarray(load_image(tmp_path / "c.png"))
+    for value in (Image.open(tmp_path / "c.png"), Image.fromarray(raw), raw, raw.astype(np.int16), raw / 7.0):
+        assert np.array_equal(np.asarray(to_rgb_image(value)), from_file), type(value)
+    assert _gray(to_rgb_image(raw)).tolist() == [[0, 64], [128, 255]]
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., 0] = 9
+    assert to_rgb_image(rgba).getpixel((0, 0)) == (9, 0, 0)
+    assert to_rgb_image(np.full((2, 2), np.nan)).getpixel((0, 0)) == (0, 0, 0)  # nothing finite: black
+    with pytest.raises(ValueError, match="scan: a numpy image must be"):
+        to_rgb_image(np.zeros((2, 2, 3), np.uint16), "scan")
+    with pytest.raises(ValueError, match="a numpy image must be"):
+        to_rgb_image(np.zeros((2, 2), bool))
+    with pytest.raises(TypeError, match="image must be a PIL image or a numpy array"):
+        to_rgb_image([[0, 1]])
 
 
 def test_png_jpeg_16bit_and_errors(tmp_path):

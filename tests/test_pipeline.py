@@ -432,6 +432,20 @@ def test_images_from_files_png_and_dicom(tmp_path):
     assert len(from_files[1].image_sizes) == 2 and from_files[1].image_sizes[1] == (84, 56)
 
 
+def test_sixteen_bit_images_in_memory_answer_like_their_files(tmp_path):
+    """A 16-bit scan given as a PIL image or an array is read as its PNG file is (range stretched to 8 bits), not
+    clipped to white by a plain RGB conversion."""
+    model, processor = build_family("qwen2_5_vl")
+    gray = np.asarray(scans(1)[0].convert("L")).astype(np.uint16) * 250  # values up to 63750
+    png = tmp_path / "scan16.png"
+    Image.fromarray(gray).save(png)
+    pipe = ViToSPipeline(model, processor, max_new_tokens=4)
+    from_file, from_pil, from_array = (pipe(image, QUESTION) for image in (str(png), Image.open(png), gray))
+    for result in (from_pil, from_array):
+        assert result.answer == from_file.answer and result.boxes == from_file.boxes
+        assert result.kept_ratio == from_file.kept_ratio
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # errors
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.images import load_image
+from .data.images import load_image, to_rgb_image
 from .models import adapter_for
 from .parsing import extract_choice, normalize_options, parse_output, split_inline_options
 from .patching import encode_images, inner_model, is_patched, patch_model
@@ -215,17 +215,12 @@ class _StageClock:
 
 
 def _as_image(value: Any, where: str) -> Image.Image:
-    """An RGB PIL image from a PIL image, a file path (PNG/JPEG/DICOM) or a uint8 array [H, W(, C)]."""
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
+    """An RGB PIL image from a PIL image, a file path (PNG/JPEG/DICOM) or a numpy array (see to_rgb_image)."""
     if isinstance(value, (str, os.PathLike)):
         return load_image(value)
-    if isinstance(value, np.ndarray):
-        if value.dtype != np.uint8 or value.ndim not in (2, 3):
-            raise ValueError(f"{where}: a numpy image must be uint8 [H, W] or [H, W, C], got {value.dtype} "
-                             f"{value.shape}")
-        return Image.fromarray(value).convert("RGB")
-    raise TypeError(f"{where} must be a PIL image, a file path or a uint8 numpy array, got {type(value).__name__}")
+    if isinstance(value, (Image.Image, np.ndarray)):
+        return to_rgb_image(value, where)
+    raise TypeError(f"{where} must be a PIL image, a file path or a numpy array, got {type(value).__name__}")
 
 
 def _image_list(value: Any, where: str) -> list[Image.Image]:
@@ -380,7 +375,8 @@ class ViToSPipeline:
         Args:
             images: for one question, an image or a list of images; for a list of questions, one such entry per
                 question. An image is a PIL image, a file path (PNG/JPEG/DICOM, read with
-                vitos_ext.data.load_image) or a uint8 numpy array [H, W(, C)].
+                vitos_ext.data.load_image) or a numpy array (uint8 [H, W] / [H, W, 3|4], or grayscale [H, W] of
+                any bit depth, stretched to 8 bits like 16-bit files; see vitos_ext.data.to_rgb_image).
             questions: a string (one sample) or a list of strings. ``<image>`` placeholders are removed (the
                 images are placed before the text, Qwen-VL style). Options may be written inline
                 ("A. x" lines) -- then ``choice`` is extracted from them.

@@ -9,7 +9,8 @@ from .dataset import (
     load_vitos_json,
     validate_row,
 )
-from .images import CT_SOFT_TISSUE_WINDOW, apply_window, dicom_to_image, is_dicom, load_image
+from .images import (CT_SOFT_TISSUE_WINDOW, apply_window, dicom_to_image, is_dicom, load_image,
+                     to_rgb_image)
 from .phantom import (
     LESION_CLASSES,
     PHANTOM_QUESTION,
@@ -34,6 +35,7 @@ __all__ = [
     "dicom_to_image",
     "is_dicom",
     "load_image",
+    "to_rgb_image",
     "LESION_CLASSES",
     "PHANTOM_QUESTION",
     "Lesion",

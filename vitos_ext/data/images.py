@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["CT_SOFT_TISSUE_WINDOW", "is_dicom", "load_image", "dicom_to_image", "apply_window"]
+__all__ = ["CT_SOFT_TISSUE_WINDOW", "is_dicom", "load_image", "dicom_to_image", "apply_window", "to_rgb_image"]
 
 # (center, width) in Hounsfield units
 CT_SOFT_TISSUE_WINDOW = (40.0, 400.0)
@@ -129,9 +129,35 @@ def dicom_to_image(dataset, default_window: tuple[float, float] | None = None, f
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float grayscale (common for exported scans): stretch the data range to 8 bits
+        # 16-bit / float grayscale (common for exported scans): stretch the data range to 8 bits (a plain
+        # convert("RGB") clips every value above 255 to white)
         return Image.fromarray(_range_to_uint8(np.asarray(image))).convert("RGB")
     return image.convert("RGB")
+
+
+def to_rgb_image(value: Image.Image | np.ndarray, where: str = "image") -> Image.Image:
+    """An in-memory image as 8-bit RGB, the way :func:`load_image` reads files.
+
+    Args:
+        value: a PIL image of any mode (16-bit / float grayscale is stretched from its data range to 8 bits, EXIF
+            orientation applied), or a numpy array: uint8 [H, W], [H, W, 3] or [H, W, 4] as is; a grayscale
+            [H, W] array of any other integer or float dtype (e.g. a DICOM pixel_array) stretched from its finite
+            data range to 8 bits.
+        where: the argument's name for error messages.
+
+    Returns:
+        PIL image in mode "RGB".
+    """
+    if isinstance(value, Image.Image):
+        return _pil_to_rgb(value)
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{where} must be a PIL image or a numpy array, got {type(value).__name__}")
+    if value.dtype == np.uint8 and (value.ndim == 2 or value.ndim == 3 and value.shape[2] in (3, 4)):
+        return Image.fromarray(value).convert("RGB")
+    if value.ndim == 2 and (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+        return Image.fromarray(_range_to_uint8(value)).convert("RGB")
+    raise ValueError(f"{where}: a numpy image must be uint8 [H, W] / [H, W, 3] / [H, W, 4], or a grayscale [H, W] "
+                     f"array of another integer or float dtype; got {value.dtype} {value.shape}")
 
 
 def load_image(
