@@ -15,6 +15,8 @@ import vitos_ext.patching as patching
 from model_fixtures import (
     IMAGE,
     VIDEO,
+    VISION_END,
+    VISION_START,
     build_model,
     families,
     image_grids,
@@ -560,37 +562,82 @@ def test_torch_compile_of_the_patched_model():
     torch._dynamo.reset()
 
 
-def test_generate_refuses_to_continue_a_pruned_cache(family):
-    """generate() resumes a cache by skipping its length in input_ids; a pruned prompt's cache is shorter than the
-    prompt, so continuing it from the whole conversation would read the wrong tokens: a clear error instead. A cache
-    of an unpruned prompt continues as on the unpatched model."""
-    model = patching.patch_model(build_model(family))
-    sample = select(make_batch(family, model, PROMPTS), 1, family, model)
+NO_VISION_TOKENS = [VISION_START, VISION_END, IMAGE, VIDEO]  # generated text must not open a new image
+
+
+def _follow_up(family, batch, sequences, extra=(20, 21)):
+    """The whole conversation after a first generate(): its sequences plus `extra` text tokens of a follow-up."""
+    ids = torch.cat([sequences, torch.tensor([list(extra)] * sequences.shape[0])], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(ids.shape[0], ids.shape[1] - batch["input_ids"].shape[1],
+                                                          dtype=batch["attention_mask"].dtype)], dim=1)
+    out = {"input_ids": ids, "attention_mask": mask}
+    out.update({k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")})
+    if not family.is_llava:
+        out["mm_token_type_ids"] = (ids == IMAGE).long() + 2 * (ids == VIDEO).long()
+    return out
+
+
+@pytest.mark.parametrize("attention", ["model", "varlen"])
+def test_generate_continues_a_pruned_cache_like_a_fresh_pruned_generate(family, attention):
+    """A follow-up turn: generate() given the whole conversation and the cache of a pruned generate() (or of a
+    pruned forward()) continues the compacted cache, and decodes what a fresh pruned generate() of the whole
+    conversation decodes (same kept tokens, same positions), for a left-padded batch with different kept counts."""
+    model = patching.patch_model(build_model(family), attention=attention)
+    batch = make_batch(family, model, PROMPTS)
     keyword = cache_keyword(family.model_class.forward)
-
-    def continuation(sequences):
-        ids = torch.cat([sequences, torch.tensor([[20, 21]])], dim=1)
-        follow_up = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if not family.is_llava:
-            follow_up["mm_token_type_ids"] = (ids == IMAGE).long()
-            follow_up["image_grid_thw"] = sample["image_grid_thw"]
-        return follow_up
-
+    decode = dict(do_sample=False, return_dict_in_generate=True, output_logits=True, suppress_tokens=NO_VISION_TOKENS)
     with torch.no_grad():
-        first = model.generate(**sample, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
-                               vitos_boxes=boxes_of(1))
-        with pytest.raises(ValueError, match=f"{keyword}: this cache holds a token-pruned prompt"):
-            model.generate(**continuation(first.sequences), **{keyword: cache_of(first)}, max_new_tokens=2)
-        forward_cache = cache_of(model(**sample, vitos_boxes=boxes_of(1), use_cache=True))
-        with pytest.raises(ValueError, match="token-pruned prompt"):
-            model.generate(**continuation(first.sequences), **{keyword: forward_cache}, max_new_tokens=2)
+        first = model.generate(**batch, max_new_tokens=3, vitos_boxes=BOXES, **decode)
+        follow_up = _follow_up(family, batch, first.sequences)
+        got = model.generate(**follow_up, **{keyword: cache_of(first)}, max_new_tokens=4, **decode)
+        want = model.generate(**follow_up, max_new_tokens=4, vitos_boxes=BOXES, **decode)
+        assert torch.equal(got.sequences[:, :follow_up["input_ids"].shape[1]], follow_up["input_ids"])
+        assert torch.equal(got.sequences, want.sequences)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-5, atol=1e-5)
+        # a third turn continues the same cache again
+        third = _follow_up(family, batch, got.sequences, extra=(22,))
+        got = model.generate(**third, **{keyword: cache_of(got)}, max_new_tokens=2, **decode)
+        want = model.generate(**third, max_new_tokens=2, vitos_boxes=BOXES, **decode)
+        assert torch.equal(got.sequences, want.sequences)
 
-        reference = build_model(family)
+        prefill = model(**batch, vitos_boxes=BOXES, use_cache=True)  # a pruned forward's cache continues alike
+        after_prompt = _follow_up(family, batch, batch["input_ids"], extra=(23, 24))
+        got = model.generate(**after_prompt, **{keyword: cache_of(prefill)}, max_new_tokens=3, **decode)
+        want = model.generate(**after_prompt, max_new_tokens=3, vitos_boxes=BOXES, **decode)
+        assert torch.equal(got.sequences, want.sequences)
+
+
+def test_continuing_a_pruned_cache_refuses_what_it_cannot_continue():
+    family = FAMILIES[1]
+    model = patching.patch_model(build_model(family))
+    batch = make_batch(family, model, PROMPTS)
+    keyword = cache_keyword(family.model_class.forward)
+    with torch.no_grad():
+        first = model.generate(**batch, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                               suppress_tokens=NO_VISION_TOKENS, vitos_boxes=BOXES)
+        cache = {keyword: cache_of(first)}
+        follow_up = _follow_up(family, batch, first.sequences)
+        changed = dict(follow_up, input_ids=follow_up["input_ids"].clone())
+        changed["input_ids"][0, -6] = 30  # a prompt token differs from the one the cache was pruned from
+        with pytest.raises(ValueError, match="input_ids: this cache holds a pruned prompt of 2 x"):
+            model.generate(**changed, **cache, max_new_tokens=1)
+        with pytest.raises(ValueError, match="input_ids: this cache holds a pruned prompt"):
+            model.generate(**dict(follow_up, input_ids=follow_up["input_ids"][:1]), **cache, max_new_tokens=1)
+        image = _follow_up(family, batch, first.sequences, extra=(VISION_START, IMAGE))
+        with pytest.raises(ValueError, match="cannot add images or videos"):
+            model.generate(**image, **cache, max_new_tokens=1)
+        with pytest.raises(ValueError, match="num_beams = num_return_sequences = 1"):
+            model.generate(**follow_up, **cache, max_new_tokens=1, num_beams=2)
+        with pytest.raises(ValueError, match="it cannot continue from a non-empty cache"):
+            model.generate(**follow_up, **cache, max_new_tokens=1, vitos_boxes=BOXES)
+        reference = build_model(family)  # an unpruned cache continues as on the unpatched model
         results = []
         for m in (model, reference):
-            full = m.generate(**sample, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-            results.append(m.generate(**continuation(full.sequences), **{keyword: cache_of(full)},
-                                      max_new_tokens=3, do_sample=False))
+            full = m.generate(**batch, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                              suppress_tokens=NO_VISION_TOKENS)
+            again = _follow_up(family, batch, full.sequences)
+            again.pop("pixel_values")  # transformers' own continuation takes no images again
+            results.append(m.generate(**again, **{keyword: cache_of(full)}, max_new_tokens=3, do_sample=False))
     assert torch.equal(results[0], results[1])
 
 

@@ -274,6 +274,10 @@ def patch_model(model: torch.nn.Module, attention: str = "auto", fused_layers: s
     When the language model attends through "vitos_varlen", the prefill of a padded batch in a call with vitos_*
     arguments (pruned, or reusing image features) runs packed (no padding rows) and its outputs and KV cache are
     laid back out left-padded (see PACKED_PREFILL).
+    A follow-up turn continues the KV cache of a pruned generate() or forward(): generate(input_ids=the whole
+    conversation (the pruned prompt, then everything after it), attention_mask alike, past_key_values=that cache)
+    compacts the prompt columns as the cache holds them and decodes what a fresh pruned generate() of the whole
+    conversation would (no new images, one sequence per row).
 
     Args:
         model: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA *ForConditionalGeneration instance, or a PEFT model
@@ -647,7 +651,7 @@ def _patched_forward(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
         _ACTIVE_REQUEST.reset(token)
     _check_pruned(request)
     if request.pruned is not None:
-        _mark_pruned_cache(_output_cache(output))
+        _mark_pruned_cache(_output_cache(output), request)
     if labels is not None:
         output = _with_compacted_loss(model, output, labels, request, kwargs)
         if return_dict is False:
@@ -701,7 +705,12 @@ def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     vitos = _pop_vitos_arguments(kwargs)
     model.__dict__["vitos_last_prefill"] = None
     _ensure_language_model_attention(state)
-    _refuse_pruned_cache(kwargs)
+    record = _pruned_prompt_of(kwargs)
+    if record is not None:
+        if _wants_request(vitos):
+            raise ValueError("vitos pruning happens at prefill: it cannot continue from a non-empty cache (this one "
+                             "already holds a pruned prompt: continue it without vitos_* arguments)")
+        return _continue_pruned_cache(model, original, record, args, kwargs)
     if not _wants_request(vitos):
         return original(*args, **kwargs)
     _check_generation_mode(model, kwargs, vitos)
@@ -723,10 +732,18 @@ def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 _PRUNED_CACHE_TAG = "_vitos_pruned_prompt"
 
 
-def _mark_pruned_cache(cache: Any) -> None:
-    """Tag a KV cache that holds a pruned prompt: it is shorter than the prompt's input_ids."""
-    if cache is not None:
-        setattr(cache, _PRUNED_CACHE_TAG, True)
+@dataclass
+class _PrunedPrompt:
+    """What a KV cache that holds a pruned prompt needs to be continued by generate(): the prompt rows it was pruned
+    from (input_ids [B, L]) and the pruning (PrunedBatch without embeddings)."""
+
+    prompt_ids: torch.Tensor
+    pruned: PrunedBatch
+
+
+def _mark_pruned_cache(cache: Any, request: _Request) -> None:
+    if cache is not None and request.inputs.get("input_ids") is not None:
+        setattr(cache, _PRUNED_CACHE_TAG, _PrunedPrompt(request.inputs["input_ids"], request.pruned.without_embeddings()))
 
 
 def _output_cache(output: Any) -> Any:
@@ -737,16 +754,96 @@ def _output_cache(output: Any) -> Any:
     return output.get("cache" if "cache" in getattr(output, "__dataclass_fields__", ()) else "past_key_values")
 
 
-def _refuse_pruned_cache(kwargs: dict[str, Any]) -> None:
-    """generate() resumes a cache by dropping the first cache-length columns of input_ids; for a cache that holds a
-    pruned prompt those are not the columns it holds, so the continuation would be silently wrong."""
-    name = "cache" if kwargs.get("cache") is not None else "past_key_values"
-    cache = kwargs.get(name)
-    if cache is not None and getattr(cache, _PRUNED_CACHE_TAG, False) and cache.get_seq_length() > 0:
-        raise ValueError(f"{name}: this cache holds a token-pruned prompt (fewer entries than the prompt's "
-                         "input_ids), so generate() cannot continue it from the full conversation; call generate() "
-                         "on the whole conversation again with the vitos_* arguments (or continue with your own "
-                         "forward() steps, using model.vitos_last_prefill's attention_mask and next_position)")
+def _pruned_prompt_of(kwargs: dict[str, Any]) -> _PrunedPrompt | None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    record = getattr(cache, _PRUNED_CACHE_TAG, None) if cache is not None else None
+    return record if record is not None and cache.get_seq_length() > 0 else None
+
+
+def _continue_pruned_cache(model: torch.nn.Module, original: Any, record: _PrunedPrompt, args: tuple,
+                           kwargs: dict[str, Any]) -> Any:
+    """generate() from a cache that holds a pruned prompt, given the whole conversation (a follow-up turn).
+
+    generate() resumes a cache by skipping its length in input_ids; here the cache holds the compacted prompt, so
+    the prompt columns of input_ids, attention_mask and the per-token type ids are compacted the same way first, and
+    the positions are given explicitly: the kept prompt tokens' original ones, then max original position + 1
+    onwards, as the first generate() decoded. Image inputs (pixel_values, grids) may be passed again and are not
+    used: the cache holds the prompt's images. Returned sequences carry the caller's uncompacted input_ids.
+    """
+    state = _state_of(model)
+    ids = _continuation_input_ids(args, kwargs)
+    prompt, pruned = record.prompt_ids, record.pruned
+    _check_continuation(model, state, ids, prompt, kwargs)
+    length = prompt.shape[1]
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask: shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+    kwargs["attention_mask"] = torch.cat([pruned.attention_mask.to(mask.dtype), mask[:, length:]], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = torch.cat([compact_token_values(kwargs[key][:, :length], pruned, 0),
+                                     kwargs[key][:, length:]], dim=1)
+    pad = model.generation_config.pad_token_id
+    compacted = torch.cat([compact_token_values(ids[:, :length], pruned, 0 if pad is None else int(pad)),
+                           ids[:, length:]], dim=1)
+    tail = torch.arange(ids.shape[1] - length, device=ids.device)
+    kwargs["position_ids"] = torch.cat([pruned.position_ids, _decode_positions(state, pruned, pruned.position_ids,
+                                                                               tail)], dim=-1)
+    for key in _CAPTURED_INPUTS[1:]:  # the prompt's images are in the cache already (new ones were refused)
+        kwargs.pop(key, None)
+    state.adapter.set_rope_deltas(state.model, pruned)  # for manual decoding steps afterwards
+    output = original(compacted, **kwargs)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    restored = torch.cat([ids, sequences[:, compacted.shape[1]:]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    return output
+
+
+def _continuation_input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    ids = args[0] if args else kwargs.pop("input_ids", None)
+    if ids is None:
+        ids = kwargs.pop("inputs", None)
+    if len(args) > 1:
+        raise ValueError("generate() from a pruned cache takes input_ids as the only positional argument")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError("input_ids: generate() from a cache that holds a pruned prompt needs the whole conversation "
+                         "as input_ids [B, T] (the pruned prompt, then everything after it)")
+    return ids
+
+
+def _check_continuation(model: torch.nn.Module, state: _PatchState, ids: torch.Tensor, prompt: torch.Tensor,
+                        kwargs: dict[str, Any]) -> None:
+    config = kwargs.get("generation_config") or model.generation_config
+    if max(kwargs.get(name, getattr(config, name, 1)) or 1 for name in ("num_beams", "num_return_sequences")) > 1:
+        raise ValueError("generate() from a cache that holds a pruned prompt needs num_beams = num_return_sequences "
+                         "= 1 (the cache has one row per sequence already)")
+    if kwargs.get("position_ids") is not None:
+        raise ValueError("position_ids: generate() from a pruned cache derives them from the pruned prompt")
+    length = prompt.shape[1]
+    if ids.shape[0] != prompt.shape[0] or ids.shape[1] <= length or ids.device != prompt.device \
+            or not torch.equal(ids[:, :length], prompt):
+        raise ValueError(f"input_ids: this cache holds a pruned prompt of {prompt.shape[0]} x {length} tokens; "
+                         "generate() continues it from the whole conversation, whose first columns must be that "
+                         f"prompt (got input_ids of shape {tuple(ids.shape)} that do not start with it)")
+    adapter = state.adapter
+    vision_ids = [adapter.image_token_id(model), adapter.video_token_id(model)]
+    new_part = ids[:, length:]
+    if any(token is not None and bool((new_part == token).any()) for token in vision_ids):
+        raise ValueError("input_ids: a follow-up turn on a pruned cache cannot add images or videos (their "
+                         "positions come from the prompt); run the whole conversation again with vitos_* arguments")
+
+
+def _decode_positions(state: _PatchState, pruned: PrunedBatch, layout: torch.Tensor,
+                      steps: torch.Tensor) -> torch.Tensor:
+    """Positions of the tokens decoded after a pruned prompt, steps [S] after it, in the layout of the prompt's
+    position ids: max original position + 1 onwards (Qwen's text row: the compacted token index onwards)."""
+    first = pruned.next_position.view(-1, 1).expand(*layout.shape[:-1], 1).clone()
+    if layout.dim() == 3 and state.adapter.text_position_row and layout.shape[0] == 4:
+        first[0] = pruned.kept_counts.view(-1, 1)
+    return (first + steps.to(first.dtype)).to(layout.dtype)
 
 
 def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos: dict[str, Any]) -> None:
@@ -848,11 +945,7 @@ def _patched_update_model_kwargs(model: torch.nn.Module, outputs: Any, model_kwa
     model_kwargs = original(outputs, model_kwargs, *args, **kwargs)
     positions = model_kwargs.get("position_ids")
     if positions is not None:  # transformers continues at last position + 1; ViToS at max original position + 1
-        if positions.dim() == 3 and request.state.adapter.text_position_row and positions.shape[0] == 4:
-            positions[0, :, -1] = pruned.kept_counts
-            positions[1:, :, -1] = pruned.next_position
-        else:
-            positions[..., -1] = pruned.next_position
+        positions[..., -1:] = _decode_positions(state, pruned, positions, positions.new_zeros(1))
     return model_kwargs
 
 
@@ -940,8 +1033,8 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
     elif pruned.position_ids.dim() == 2 and _packs_by_position(adapter.language_model(model).config):
         kwargs.update(_explicit_sequence_bounds(pruned))
     adapter.set_rope_deltas(model, pruned)
-    _mark_pruned_cache(kwargs.get("cache", kwargs.get("past_key_values")))
     request.pruned = pruned
+    _mark_pruned_cache(kwargs.get("cache", kwargs.get("past_key_values")), request)
     request.generate_kwargs_pending = request.in_generate
     model.__dict__["vitos_last_prefill"] = pruned.without_embeddings()
 
