@@ -742,8 +742,9 @@ class _PrunedPrompt:
 
 
 def _mark_pruned_cache(cache: Any, request: _Request) -> None:
-    if cache is not None and request.inputs.get("input_ids") is not None:
-        setattr(cache, _PRUNED_CACHE_TAG, _PrunedPrompt(request.inputs["input_ids"], request.pruned.without_embeddings()))
+    prompt_ids = request.inputs.get("input_ids")
+    if cache is not None and prompt_ids is not None:
+        setattr(cache, _PRUNED_CACHE_TAG, _PrunedPrompt(prompt_ids, request.pruned.without_embeddings()))
 
 
 def _output_cache(output: Any) -> Any:
