@@ -725,6 +725,20 @@ def test_unpatch_restores_exactly(family, attention):
     assert patching.unpatch_model(model) is model  # unpatching twice is a no-op
 
 
+def test_save_pretrained_of_a_patched_model_loads_unpatched(family, tmp_path):
+    """Patching adds no parameter or buffer: save_pretrained writes the model's own weights, which load into a plain
+    model (no vitos_ext) with the same outputs, and config.json names no vitos attention."""
+    model = patching.patch_model(build_model(family, attn_implementation="sdpa"), attention="varlen")
+    reference = build_model(family, attn_implementation="sdpa")
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    model.save_pretrained(tmp_path)
+    assert "vitos" not in (tmp_path / "config.json").read_text()
+    loaded = family.model_class.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    batch = make_batch(family, model, PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_patch_twice_is_patch_once(family):
     once = patching.patch_model(build_model(family))
     twice = patching.patch_model(patching.patch_model(build_model(family)))
