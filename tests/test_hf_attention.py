@@ -399,6 +399,26 @@ def test_tensor_memo_keys_on_identity_version_and_extra_and_skips_failures():
         TensorMemo(capacity=0)
 
 
+def test_tensor_memo_on_inference_tensors_lasts_one_forward():
+    """Inference tensors have no version counter (reading it raises): their entries hold until the next forward
+    begins (the mask function marks it), so a buffer refilled in place between forwards is never read stale."""
+    from vitos_ext._tensor_memo import TensorMemo, begin_forward
+
+    memo = TensorMemo()
+    with torch.inference_mode():
+        mask = torch.ones(2, 3, dtype=torch.bool)
+        assert memo.get((mask,), None, lambda: "first") == "first"
+        assert memo.lookup((mask,), None) == (True, "first")  # the other layers of the same forward
+        begin_forward()
+        mask[0, 0] = False  # refilled in place for the next forward: not visible to a version counter
+        assert memo.lookup((mask,), None) == (False, None)
+        assert memo.get((mask,), None, lambda: "second") == "second"
+    plain = torch.ones(3)
+    memo.store((plain,), None, "kept")
+    begin_forward()  # ordinary tensors keep their entries across forwards (their version counter guards them)
+    assert memo.lookup((plain,), None) == (True, "kept")
+
+
 def test_caller_packing_is_checked_once_per_forward_also_for_int64_offsets(monkeypatch):
     """Every layer gets the same cu_seq_lens objects: the first converts them to int32 and checks their values
     (a host sync), the others reuse that; offsets that fail the check are never remembered."""

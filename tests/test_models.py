@@ -578,6 +578,20 @@ def _follow_up(family, batch, sequences, extra=(20, 21)):
 
 
 @pytest.mark.parametrize("attention", ["model", "varlen"])
+def test_pruned_generate_under_inference_mode(family, attention):
+    """Serving code runs under torch.inference_mode(): its tensors have no version counter, which the varlen
+    backend's per-forward memo read (it raised). Same tokens and logits as under no_grad."""
+    model = patching.patch_model(build_model(family), attention=attention)
+    batch = make_batch(family, model, PROMPTS)
+    want_tokens, want_logits = greedy(model, batch, vitos_boxes=BOXES, vitos_fuse=True)
+    with torch.inference_mode():
+        tokens, logits = greedy(model, batch, vitos_boxes=BOXES, vitos_fuse=True)
+        plain_tokens, _ = greedy(model, batch)
+    assert torch.equal(tokens, want_tokens) and torch.equal(plain_tokens, greedy(model, batch)[0])
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention", ["model", "varlen"])
 def test_generate_continues_a_pruned_cache_like_a_fresh_pruned_generate(family, attention):
     """A follow-up turn: generate() given the whole conversation and the cache of a pruned generate() (or of a
     pruned forward()) continues the compacted cache, and decodes what a fresh pruned generate() of the whole

@@ -15,9 +15,26 @@ from typing import Any
 import torch
 
 
+_inference_epoch = 0
+
+
+def begin_forward() -> None:
+    """Mark the start of a model forward. Tensors made under torch.inference_mode() have no in-place version counter,
+    so a memo cannot tell whether such a tensor was changed in place since its value was stored; entries keyed on
+    them stay valid only until the next call of this (the attention backend's mask function calls it once per
+    forward, before the layers)."""
+    global _inference_epoch
+    if not torch.compiler.is_compiling():
+        _inference_epoch += 1
+
+
+def _version(t: torch.Tensor) -> Hashable:
+    return ("inference", _inference_epoch) if t.is_inference() else t._version
+
+
 class TensorMemo:
     """Remembers the last ``capacity`` values, each keyed by the identity and in-place version of some tensors
-    plus a hashable extra key. Weak references only: a memo never keeps a tensor alive. Nothing is stored while
+    (for inference tensors: the forward, see begin_forward) plus a hashable extra key. Weak references only: a memo never keeps a tensor alive. Nothing is stored while
     torch.compile traces (fake tensors are new objects every time)."""
 
     def __init__(self, capacity: int = 1):
@@ -28,7 +45,7 @@ class TensorMemo:
 
     @staticmethod
     def _key(tensors: Sequence[torch.Tensor], extra: Hashable) -> Hashable:
-        return tuple(t._version for t in tensors), extra
+        return tuple(_version(t) for t in tensors), extra
 
     def lookup(self, tensors: Sequence[torch.Tensor], extra: Hashable = None) -> tuple[bool, Any]:
         """(True, value) if a value for these very tensors (unmodified since) and ``extra`` is stored, else

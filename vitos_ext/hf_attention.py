@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-from vitos_ext._tensor_memo import TensorMemo
+from vitos_ext._tensor_memo import TensorMemo, begin_forward
 from vitos_ext.ops.attention import BACKENDS, cu_seqlens_from_lengths, varlen_attention
 from vitos_ext.profiling import nvtx_annotate
 
@@ -65,6 +65,7 @@ def vitos_varlen_mask(*args, attention_mask: torch.Tensor | None = None, kv_leng
     mask is transformers' own 4-D SDPA mask over the slots (built on the device, no host read, so compiled decoding
     stays one graph), and the attention runs SDPA with it, as attn_implementation="sdpa" would.
     """
+    begin_forward()  # once per forward, before the layers: memo entries on inference tensors expire here
     if _has_unwritten_slots(kv_length, q_length, q_offset):
         from transformers.masking_utils import sdpa_mask
 
