@@ -753,6 +753,29 @@ def test_save_pretrained_of_a_patched_model_loads_unpatched(family, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, reference(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("patch_first", [False, True], ids=["offload_then_patch", "patch_then_offload"])
+def test_accelerate_offloaded_model(family, patch_first):
+    """Models loaded with device_map / offloading carry accelerate hooks that move inputs and load each module's
+    weights right before its forward. The patch's forwards run inside those hooks (patched before or after them):
+    same pruned tokens as the model in memory; unpatching keeps the hooks working."""
+    from accelerate import cpu_offload
+
+    reference = patching.patch_model(build_model(family), attention="varlen")
+    batch = make_batch(family, reference, PROMPTS)
+    want = greedy(reference, batch, vitos_boxes=BOXES)
+    model = build_model(family)
+    if patch_first:
+        patching.patch_model(model, attention="varlen")
+    model = cpu_offload(model, execution_device=torch.device("cpu"))  # weights stay off the module until used
+    if not patch_first:
+        patching.patch_model(model, attention="varlen")
+    tokens, logits = greedy(model, batch, vitos_boxes=BOXES)
+    assert torch.equal(tokens, want[0])
+    torch.testing.assert_close(logits, want[1], rtol=1e-5, atol=1e-5)
+    patching.unpatch_model(model)
+    assert torch.equal(greedy(model, batch)[0], greedy(build_model(family), batch)[0])
+
+
 def test_patch_twice_is_patch_once(family):
     once = patching.patch_model(build_model(family))
     twice = patching.patch_model(patching.patch_model(build_model(family)))

@@ -130,6 +130,42 @@ def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor, **image_in
 # ----------------------------------------------------------------------------------------------------------
 
 
+# accelerate's hooks (device_map="auto" across devices, CPU / disk offload) replace a module's forward by a wrapper
+# that moves inputs and loads offloaded weights, then calls the wrapped forward kept in this attribute.
+_ACCELERATE_WRAPPED = "_old_forward"
+
+
+@dataclass
+class _Installed:
+    """A forward the patch installed on a module: where (attribute), the object, and what it replaced."""
+
+    attribute: str
+    method: Any
+    previous: Any
+
+
+def _install_forward(module: torch.nn.Module, method: Any) -> _Installed:
+    """Make `method` the module's forward. Under an accelerate hook it replaces the forward the hook wraps, so the
+    hook still moves inputs and loads weights first (replacing the hook's wrapper would run on meta weights)."""
+    hooked = "_hf_hook" in module.__dict__ and _ACCELERATE_WRAPPED in module.__dict__
+    attribute = _ACCELERATE_WRAPPED if hooked else "forward"
+    installed = _Installed(attribute, method, module.__dict__.get(attribute))
+    module.__dict__[attribute] = method
+    return installed
+
+
+def _restore_forward(module: torch.nn.Module, installed: _Installed) -> None:
+    """Undo _install_forward, also when accelerate hooked the module after patching (its wrapper then wraps the
+    patched forward: keep the wrapper, restore what it wraps)."""
+    attribute, previous = installed.attribute, installed.previous
+    if attribute == "forward" and module.__dict__.get("forward") is not installed.method \
+            and module.__dict__.get(_ACCELERATE_WRAPPED) is installed.method:
+        attribute = _ACCELERATE_WRAPPED
+        if previous is None:  # the hook needs a forward to call: the class's own
+            previous = types.MethodType(type(module).forward, module)
+    _restore_attribute(module, attribute, previous)
+
+
 @dataclass
 class _ForwardPatches:
     """Forwards installed on submodule instances, the mode flag they read, and what they replaced (to restore it).
@@ -137,7 +173,7 @@ class _ForwardPatches:
     A replacement of None only sets the flag (a module whose installed forward reads a second mode)."""
 
     flag: str
-    installed: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)  # (module, previous own forward)
+    installed: list[tuple[torch.nn.Module, _Installed]] = field(default_factory=list)
     flagged: list[torch.nn.Module] = field(default_factory=list)
 
     @property
@@ -148,15 +184,14 @@ class _ForwardPatches:
     def install(self, replacements: Any, mode: str) -> None:
         for module, replacement in replacements:
             if replacement is not None:
-                self.installed.append((module, module.__dict__.get("forward")))
-                module.__dict__["forward"] = types.MethodType(replacement, module)
+                self.installed.append((module, _install_forward(module, types.MethodType(replacement, module))))
             else:
                 self.flagged.append(module)
             module.__dict__[self.flag] = mode
 
     def remove(self) -> None:
-        for module, previous in self.installed:
-            _restore_attribute(module, "forward", previous)
+        for module, installed in self.installed:
+            _restore_forward(module, installed)
         for module in [*self.modules, *self.flagged]:
             module.__dict__.pop(self.flag, None)
         self.installed.clear()
@@ -177,6 +212,7 @@ class _PatchState:
     attention_routed: bool = False
     fused_layers: str = "off"
     fused_forwards: _ForwardPatches = field(default_factory=lambda: _ForwardPatches("_vitos_fused"))
+    installed_forward: _Installed | None = None
 
 
 @dataclass
@@ -233,12 +269,13 @@ def _is_supported(model: torch.nn.Module) -> bool:
 
 
 def _original(state: _PatchState, name: str):
-    previous = state.previous.get(name)
-    if previous is not None:
+    previous = state.installed_forward.previous if name == "forward" else state.previous.get(name)
+    own = getattr(type(state.model), name)
+    if previous is not None and getattr(previous, "__func__", None) is not own:
         return previous
     # the class's function applied to the instance, not a bound method: torch.compile resolves a bound `forward`
     # through the instance, i.e. back to the patched one (endless recursion under torch.compile(model))
-    return functools.partial(getattr(type(state.model), name), state.model)
+    return functools.partial(own, state.model)
 
 
 def _request_for(state: _PatchState | None) -> _Request | None:
@@ -310,14 +347,14 @@ def _patch_instance(model: torch.nn.Module, adapter: VLMAdapter, attention: str,
         return
 
     state = _PatchState(model=model, adapter=adapter, attention=attention)
-    for name in _MODEL_METHODS:
+    for name in _MODEL_METHODS[1:]:
         state.previous[name] = model.__dict__.get(name)
     base = adapter.base_model(model)
     state.previous_image_features = base.__dict__.get("get_image_features")
 
     model.__dict__["_vitos_state"] = state
     model.__dict__["vitos_last_prefill"] = None
-    model.__dict__["forward"] = types.MethodType(_forward_for_class(type(model)), model)
+    state.installed_forward = _install_forward(model, types.MethodType(_forward_for_class(type(model)), model))
     model.__dict__["generate"] = types.MethodType(_patched_generate, model)
     model.__dict__["_update_model_kwargs_for_generation"] = types.MethodType(_patched_update_model_kwargs, model)
     base.__dict__["_vitos_state"] = state
@@ -345,7 +382,8 @@ def _unpatch_instance(model: torch.nn.Module) -> None:
     _restore_attention(state)
     state.vision_forwards.remove()
     _set_fused_layers(state, "off")
-    for name in _MODEL_METHODS:
+    _restore_forward(model, state.installed_forward)
+    for name in _MODEL_METHODS[1:]:
         _restore_attribute(model, name, state.previous.get(name))
     base = state.adapter.base_model(model)
     _restore_attribute(base, "get_image_features", state.previous_image_features)

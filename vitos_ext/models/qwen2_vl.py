@@ -105,12 +105,15 @@ def qwen_patch_embed_as_linear(self: torch.nn.Module, hidden_states: torch.Tenso
 
     Returns:
         [S, embed_dim] in the weight's dtype, like the module it replaces. Falls back to the module's own forward
-        when the mode is "auto" on a device without the varlen kernels, or when the conv is not a patchify conv.
+        when the mode is "auto" on a device without the varlen kernels, when the conv is not a patchify conv, or
+        when an accelerate hook manages the conv's weight.
     """
     proj = self.proj
     patchify = (tuple(proj.kernel_size) == tuple(proj.stride) and not any(proj.padding)
                 and all(d == 1 for d in proj.dilation) and proj.groups == 1)
-    if not patchify or not _use_varlen(self, hidden_states):
+    # an accelerate hook on the conv (offloading, device_map) must run to put its weight in place: call the conv
+    hooked = "_hf_hook" in proj.__dict__
+    if not patchify or hooked or not _use_varlen(self, hidden_states):
         return type(self).forward(self, hidden_states)
     weight = proj.weight.reshape(proj.weight.shape[0], -1)
     return F.linear(hidden_states.to(weight.dtype).reshape(-1, weight.shape[1]), weight, proj.bias)
