@@ -1190,3 +1190,30 @@ def test_unpruned_request_prefill_of_a_padded_batch_runs_packed(family, monkeypa
     calls = _packed_spy(monkeypatch)
     greedy(model, batch, steps=2)  # no vitos_* argument: the model behaves exactly as unpatched, nothing packed
     assert not calls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; benchmarks/gpu_check.sh runs them): the default patch on a GPU (varlen attention,
+# Triton fused layers) under what serving and compiled decoding use
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_default_patch_on_cuda_under_inference_mode_static_cache_and_compile():
+    family = FAMILIES[1]
+    model = patching.patch_model(build_model(family).to("cuda"))  # auto: varlen + fused layers on CUDA
+    batch = {k: v.to("cuda") for k, v in make_batch(family, model, PROMPTS).items()}
+    boxes = [b.to("cuda") for b in BOXES]
+    tokens, logits = greedy(model, batch, vitos_boxes=boxes)
+    with torch.inference_mode():
+        served = greedy(model, batch, vitos_boxes=boxes)
+    assert torch.equal(served[0], tokens)
+    torch.testing.assert_close(served[1], logits, rtol=1e-4, atol=1e-4)
+    static = greedy(model, batch, vitos_boxes=boxes, cache_implementation="static")  # transformers compiles decoding
+    assert torch.equal(static[0], tokens)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        want = model(**batch, vitos_boxes=boxes).logits
+        torch.testing.assert_close(compiled(**batch, vitos_boxes=boxes).logits, want, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
