@@ -911,6 +911,16 @@ def test_qwen_patch_embed_runs_as_one_matmul_and_unpatch_restores_it(family, mon
         monkeypatch.undo()
     assert not conv_calls  # the Conv3d (slow in cuDNN bf16 for this shape) never runs
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # a weight that is not in place (a ZeRO-3 partition is an empty tensor until the conv's own hook gathers it)
+    # is left to the conv
+    full_weight = patch_embed.proj.weight.data
+    with torch.no_grad():
+        patch_embed.proj.weight.data = torch.empty(0)
+        monkeypatch.setattr(type(patch_embed.proj), "forward",
+                            lambda conv, x: conv_calls.append(1) or x.new_zeros(x.shape[0], conv.out_channels))
+        assert patch_embed(batch["pixel_values"]).shape == expected.shape and conv_calls == [1]
+        monkeypatch.undo()
+    patch_embed.proj.weight.data = full_weight
     patching.unpatch_model(model)
     assert "forward" not in patch_embed.__dict__
 

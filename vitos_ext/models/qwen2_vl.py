@@ -106,14 +106,17 @@ def qwen_patch_embed_as_linear(self: torch.nn.Module, hidden_states: torch.Tenso
     Returns:
         [S, embed_dim] in the weight's dtype, like the module it replaces. Falls back to the module's own forward
         when the mode is "auto" on a device without the varlen kernels, when the conv is not a patchify conv, or
-        when an accelerate hook manages the conv's weight.
+        when its weight is not in place (managed by an accelerate hook, or a partitioned ZeRO-3 shard).
     """
     proj = self.proj
     patchify = (tuple(proj.kernel_size) == tuple(proj.stride) and not any(proj.padding)
                 and all(d == 1 for d in proj.dilation) and proj.groups == 1)
-    # an accelerate hook on the conv (offloading, device_map) must run to put its weight in place: call the conv
-    hooked = "_hf_hook" in proj.__dict__
-    if not patchify or hooked or not _use_varlen(self, hidden_states):
+    # the conv's weight must be in place: an accelerate hook (offloading, device_map) or a ZeRO-3 gather runs only
+    # when the conv itself is called, so anything else calls the conv
+    weight_ready = ("_hf_hook" not in proj.__dict__ and proj.weight.device == hidden_states.device
+                    and tuple(proj.weight.shape) == (proj.out_channels, proj.in_channels // proj.groups,
+                                                     *proj.kernel_size))
+    if not patchify or not weight_ready or not _use_varlen(self, hidden_states):
         return type(self).forward(self, hidden_states)
     weight = proj.weight.reshape(proj.weight.shape[0], -1)
     return F.linear(hidden_states.to(weight.dtype).reshape(-1, weight.shape[1]), weight, proj.bias)
