@@ -446,6 +446,24 @@ def test_sixteen_bit_images_in_memory_answer_like_their_files(tmp_path):
         assert result.kept_ratio == from_file.kept_ratio
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_pipeline_on_an_offloaded_model_under_inference_mode(family):
+    """A model dispatched by accelerate with offloaded weights (meta until each module runs) takes its inputs on the
+    hooks' execution device; served under inference_mode through varlen attention, it answers as in memory."""
+    from accelerate import cpu_offload
+
+    model, processor = build_family(family)
+    boxes = [[[0.2, 0.2, 0.7, 0.7]]] * 2
+    want = ViToSPipeline(model, processor, max_new_tokens=4)(scans(2), [QUESTION, QUESTION], boxes=boxes)
+    offloaded = cpu_offload(build_family(family)[0], execution_device=torch.device("cpu"))
+    assert offloaded.get_input_embeddings().weight.device.type == "meta"
+    with torch.inference_mode():
+        got = ViToSPipeline(offloaded, processor, max_new_tokens=4, attention="varlen")(scans(2), [QUESTION, QUESTION],
+                                                                                      boxes=boxes)
+    assert [r.answer_text for r in got] == [r.answer_text for r in want]
+    assert [r.kept_ratio for r in got] == [r.kept_ratio for r in want]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # errors
 

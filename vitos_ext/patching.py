@@ -450,12 +450,29 @@ def _set_fused_layers(state: _PatchState, fused_layers: str) -> None:
 
 
 def _fast_varlen_device(model: torch.nn.Module) -> bool:
-    parameter = next(model.parameters(), None)
-    if parameter is None or parameter.device.type != "cuda":
+    device = execution_device(model)
+    if device is None or device.type != "cuda":
         return False
     from .ops.attention import triton_available
 
-    return triton_available(parameter.device)
+    return triton_available(device)
+
+
+def execution_device(model: torch.nn.Module) -> torch.device | None:
+    """Where a model takes its inputs: the device of its input embeddings, or, when accelerate offloads them (meta
+    weights loaded per call), the execution device of their hook. None for a model without parameters."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = next(model.parameters(), None)
+        if weight is None:
+            return None
+    if weight.device.type == "meta":
+        hook = getattr(embeddings, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return weight.device
 
 
 def _ensure_language_model_attention(state: _PatchState) -> None:
@@ -527,7 +544,7 @@ def _make_request(state: _PatchState, vitos: dict[str, Any], inputs: dict[str, A
     if boxes is not None or keep is not None:
         _check_prunable(inputs, features, "vitos_boxes" if boxes is not None else "vitos_keep")
     input_ids = inputs.get("input_ids")
-    device = input_ids.device if input_ids is not None else next(state.model.parameters()).device
+    device = input_ids.device if input_ids is not None else execution_device(state.model)
     if features is not None:
         if not state.adapter.same_images(features.inputs, inputs):  # compares image_grid_thw: a tiny read-back
             raise ValueError("vitos_image_features were computed for other images than this call's "

@@ -35,7 +35,7 @@ from PIL import Image
 from .data.images import load_image, to_rgb_image
 from .models import adapter_for
 from .parsing import extract_choice, normalize_options, parse_output, split_inline_options
-from .patching import encode_images, inner_model, is_patched, patch_model
+from .patching import encode_images, execution_device, inner_model, is_patched, patch_model
 from .profiling import nvtx_range
 from .sparsity import keep_mask_from_boxes
 
@@ -397,8 +397,9 @@ class ViToSPipeline:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the device of the input embeddings (the first stage of a sharded model too)."""
-        return self.model.get_input_embeddings().weight.device
+        """Where inputs go: the device of the input embeddings (the first stage of a sharded model too; for weights
+        offloaded by accelerate, their hook's execution device)."""
+        return execution_device(self.model)
 
     # -- one batch ---------------------------------------------------------------------------------------------
 
