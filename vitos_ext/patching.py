@@ -1206,7 +1206,8 @@ def _language_model_post_hook(state: _PatchState, module: torch.nn.Module, args:
     request.packed_prefill = None
     rows, batch, length = layout.rows, layout.batch, layout.length
     hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-    padded = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, rows, hidden[0])
+    # a model split across devices (device_map) ends on another device than its embeddings, where rows were made
+    padded = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, rows.to(hidden.device), hidden[0])
     padded = padded.view(batch, length, -1)
     if isinstance(output, tuple):
         cache = output[1] if len(output) > 1 else None
@@ -1225,12 +1226,15 @@ def _left_pad_cache(cache: Any, rows: torch.Tensor, batch: int, new_length: int)
     if not _is_plain_dynamic_cache(cache):
         raise RuntimeError(f"vitos_ext: the packed prefill produced a {type(cache).__name__}, which it cannot lay out "
                            "as the left-padded batch (set vitos_ext.patching.PACKED_PREFILL = False)")
-    sample, column = rows // new_length, rows % new_length
+    coordinates = {rows.device: (rows // new_length, rows % new_length)}
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
         for name in ("keys", "values"):
             packed = getattr(layer, name)
+            if packed.device not in coordinates:  # layers of a model split across devices (device_map)
+                coordinates[packed.device] = tuple(t.to(packed.device) for t in coordinates[rows.device])
+            sample, column = coordinates[packed.device]
             padded = packed.new_zeros(batch, packed.shape[1], new_length, packed.shape[3])
             padded[sample, :, column] = packed[0].transpose(0, 1)
             setattr(layer, name, padded)
