@@ -34,8 +34,9 @@ def _version(t: torch.Tensor) -> Hashable:
 
 class TensorMemo:
     """Remembers the last ``capacity`` values, each keyed by the identity and in-place version of some tensors
-    (for inference tensors: the forward, see begin_forward) plus a hashable extra key. Weak references only: a memo never keeps a tensor alive. Nothing is stored while
-    torch.compile traces (fake tensors are new objects every time)."""
+    (for inference tensors: the forward, see begin_forward) plus a hashable extra key. Weak references only: a
+    memo never keeps a tensor alive. Nothing is stored while torch.compile traces (fake tensors are new objects
+    every time)."""
 
     def __init__(self, capacity: int = 1):
         if capacity < 1:
