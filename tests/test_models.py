@@ -614,6 +614,13 @@ def test_generate_continues_a_pruned_cache_like_a_fresh_pruned_generate(family, 
         want = model.generate(**third, max_new_tokens=2, vitos_boxes=BOXES, **decode)
         assert torch.equal(got.sequences, want.sequences)
 
+        # max_length counts the whole (uncompacted) sequence, as for a fresh generate()
+        first = model.generate(**batch, max_new_tokens=3, vitos_boxes=BOXES, **decode)
+        total = follow_up["input_ids"].shape[1] + 2
+        got = model.generate(**follow_up, **{keyword: cache_of(first)}, max_length=total, **decode)
+        want = model.generate(**follow_up, max_length=total, vitos_boxes=BOXES, **decode)
+        assert got.sequences.shape[1] == total and torch.equal(got.sequences, want.sequences)
+
         prefill = model(**batch, vitos_boxes=BOXES, use_cache=True)  # a pruned forward's cache continues alike
         after_prompt = _follow_up(family, batch, batch["input_ids"], extra=(23, 24))
         got = model.generate(**after_prompt, **{keyword: cache_of(prefill)}, max_new_tokens=3, **decode)

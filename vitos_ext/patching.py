@@ -848,6 +848,7 @@ def _continue_pruned_cache(model: torch.nn.Module, original: Any, record: _Prune
                                                                                tail)], dim=-1)
     for key in _CAPTURED_INPUTS[1:]:  # the prompt's images are in the cache already (new ones were refused)
         kwargs.pop(key, None)
+    _shift_total_lengths(model, kwargs, ids.shape[1] - compacted.shape[1])
     state.adapter.set_rope_deltas(state.model, pruned)  # for manual decoding steps afterwards
     output = original(compacted, **kwargs)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
@@ -856,6 +857,18 @@ def _continue_pruned_cache(model: torch.nn.Module, original: Any, record: _Prune
         return restored
     output.sequences = restored
     return output
+
+
+def _shift_total_lengths(model: torch.nn.Module, kwargs: dict[str, Any], pruned_columns: int) -> None:
+    """max_length / min_length count the whole sequence, which the caller sees uncompacted: generate() gets the
+    compacted one, shorter by `pruned_columns` (max_new_tokens / min_new_tokens need nothing)."""
+    config = kwargs.get("generation_config") or model.generation_config
+    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        if kwargs.get(new, getattr(config, new, None)) is not None:
+            continue
+        length = kwargs.get(total, getattr(config, total, None))
+        if length is not None:
+            kwargs[total] = max(0, int(length) - pruned_columns)
 
 
 def _continuation_input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
