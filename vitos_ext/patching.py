@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .models import VLMAdapter, adapter_for
+from .models import VLMAdapter, adapter_for, has_accelerate_hook
 from .models.fused_layers import FUSED_LAYER_MODES, fused_layer_replacements
 from .ops.attention import cu_seqlens_from_lengths
 from .profiling import nvtx_annotate
@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 ATTENTION_MODES = ("auto", "varlen", "model")
 VITOS_ARGUMENTS = ("vitos_boxes", "vitos_keep", "vitos_dilate", "vitos_fuse", "vitos_image_features",
                    "vitos_video_boxes")
-_MODEL_METHODS = ("forward", "generate", "_update_model_kwargs_for_generation")
+_GENERATION_METHODS = ("generate", "_update_model_kwargs_for_generation")  # forward: see _install_forward
 
 _ACTIVE_REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("vitos_request", default=None)
 
@@ -147,7 +147,7 @@ class _Installed:
 def _install_forward(module: torch.nn.Module, method: Any) -> _Installed:
     """Make `method` the module's forward. Under an accelerate hook it replaces the forward the hook wraps, so the
     hook still moves inputs and loads weights first (replacing the hook's wrapper would run on meta weights)."""
-    hooked = "_hf_hook" in module.__dict__ and _ACCELERATE_WRAPPED in module.__dict__
+    hooked = has_accelerate_hook(module) and _ACCELERATE_WRAPPED in module.__dict__
     attribute = _ACCELERATE_WRAPPED if hooked else "forward"
     installed = _Installed(attribute, method, module.__dict__.get(attribute))
     module.__dict__[attribute] = method
@@ -234,6 +234,7 @@ class _Request:
     pruned: PrunedBatch | None = None
     packed_prefill: "_PackedLayout | None" = None  # set while the language model runs the packed layout
     generate_kwargs_pending: bool = False
+    cache_marked: bool = False  # the pruned prefill's KV cache carries its _PrunedPrompt
 
     @property
     def prunes(self) -> bool:
@@ -347,7 +348,7 @@ def _patch_instance(model: torch.nn.Module, adapter: VLMAdapter, attention: str,
         return
 
     state = _PatchState(model=model, adapter=adapter, attention=attention)
-    for name in _MODEL_METHODS[1:]:
+    for name in _GENERATION_METHODS:
         state.previous[name] = model.__dict__.get(name)
     base = adapter.base_model(model)
     state.previous_image_features = base.__dict__.get("get_image_features")
@@ -383,7 +384,7 @@ def _unpatch_instance(model: torch.nn.Module) -> None:
     state.vision_forwards.remove()
     _set_fused_layers(state, "off")
     _restore_forward(model, state.installed_forward)
-    for name in _MODEL_METHODS[1:]:
+    for name in _GENERATION_METHODS:
         _restore_attribute(model, name, state.previous.get(name))
     base = state.adapter.base_model(model)
     _restore_attribute(base, "get_image_features", state.previous_image_features)
@@ -626,8 +627,8 @@ def _fill_image_inputs(kwargs: dict[str, Any], request: _Request) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 _WRAPPERS_BY_CLASS: dict[tuple[type, str], Any] = {}
-_CAPTURED_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos",
-                    "video_grid_thw")
+_VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
+_CAPTURED_INPUTS = ("input_ids", *_VISUAL_INPUTS)
 
 
 def _with_signature_of(cls: type, name: str, implementation: Any, extra_keywords: tuple[str, ...] = ()) -> Any:
@@ -705,8 +706,6 @@ def _patched_forward(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
     finally:
         _ACTIVE_REQUEST.reset(token)
     _check_pruned(request)
-    if request.pruned is not None:
-        _mark_pruned_cache(_output_cache(output), request)
     if labels is not None:
         output = _with_compacted_loss(model, output, labels, request, kwargs)
         if return_dict is False:
@@ -840,13 +839,13 @@ def _continue_pruned_cache(model: torch.nn.Module, original: Any, record: _Prune
         if kwargs.get(key) is not None:
             kwargs[key] = torch.cat([compact_token_values(kwargs[key][:, :length], pruned, 0),
                                      kwargs[key][:, length:]], dim=1)
-    pad = model.generation_config.pad_token_id
+    pad = _generation_setting(model, kwargs, "pad_token_id")
     compacted = torch.cat([compact_token_values(ids[:, :length], pruned, 0 if pad is None else int(pad)),
                            ids[:, length:]], dim=1)
     tail = torch.arange(ids.shape[1] - length, device=ids.device)
     kwargs["position_ids"] = torch.cat([pruned.position_ids, _decode_positions(state, pruned, pruned.position_ids,
                                                                                tail)], dim=-1)
-    for key in _CAPTURED_INPUTS[1:]:  # the prompt's images are in the cache already (new ones were refused)
+    for key in _VISUAL_INPUTS:  # the prompt's images are in the cache already (new ones were refused)
         kwargs.pop(key, None)
     _shift_total_lengths(model, kwargs, ids.shape[1] - compacted.shape[1])
     state.adapter.set_rope_deltas(state.model, pruned)  # for manual decoding steps afterwards
@@ -862,11 +861,10 @@ def _continue_pruned_cache(model: torch.nn.Module, original: Any, record: _Prune
 def _shift_total_lengths(model: torch.nn.Module, kwargs: dict[str, Any], pruned_columns: int) -> None:
     """max_length / min_length count the whole sequence, which the caller sees uncompacted: generate() gets the
     compacted one, shorter by `pruned_columns` (max_new_tokens / min_new_tokens need nothing)."""
-    config = kwargs.get("generation_config") or model.generation_config
     for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-        if kwargs.get(new, getattr(config, new, None)) is not None:
+        if _generation_setting(model, kwargs, new) is not None:
             continue
-        length = kwargs.get(total, getattr(config, total, None))
+        length = _generation_setting(model, kwargs, total)
         if length is not None:
             kwargs[total] = max(0, int(length) - pruned_columns)
 
@@ -885,8 +883,7 @@ def _continuation_input_ids(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor
 
 def _check_continuation(model: torch.nn.Module, state: _PatchState, ids: torch.Tensor, prompt: torch.Tensor,
                         kwargs: dict[str, Any]) -> None:
-    config = kwargs.get("generation_config") or model.generation_config
-    if max(kwargs.get(name, getattr(config, name, 1)) or 1 for name in ("num_beams", "num_return_sequences")) > 1:
+    if _copies_per_prompt(model, kwargs) > 1:
         raise ValueError("generate() from a cache that holds a pruned prompt needs num_beams = num_return_sequences "
                          "= 1 (the cache has one row per sequence already)")
     if kwargs.get("position_ids") is not None:
@@ -915,10 +912,22 @@ def _decode_positions(state: _PatchState, pruned: PrunedBatch, layout: torch.Ten
     return (first + steps.to(first.dtype)).to(layout.dtype)
 
 
-def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos: dict[str, Any]) -> None:
+def _generation_setting(model: torch.nn.Module, kwargs: dict[str, Any], name: str, default: Any = None) -> Any:
+    """A generate() setting as generate() will use it: the call's keyword, else its generation_config's, else the
+    model's."""
     config = kwargs.get("generation_config") or model.generation_config
-    copies = max(kwargs.get(name, getattr(config, name, 1)) or 1 for name in ("num_beams", "num_return_sequences"))
-    if copies > 1:  # generate() repeats every prompt before its prefill; the request repeats its boxes alike
+    return kwargs.get(name, getattr(config, name, default))
+
+
+def _copies_per_prompt(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
+    """How many rows generate() makes of every prompt (num_beams / num_return_sequences)."""
+    return max(_generation_setting(model, kwargs, name, 1) or 1
+               for name in ("num_beams", "num_return_sequences"))
+
+
+def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos: dict[str, Any]) -> None:
+    # generate() repeats every prompt before its prefill; the request repeats its boxes alike
+    if _copies_per_prompt(model, kwargs) > 1:
         if isinstance(vitos.get("vitos_fuse"), torch.Tensor):
             raise ValueError("vitos_fuse as an explicit fusion map needs num_beams = num_return_sequences = 1 "
                              "(pass vitos_fuse=True, or repeat the prompts in the batch)")
@@ -928,12 +937,12 @@ def _check_generation_mode(model: torch.nn.Module, kwargs: dict[str, Any], vitos
         if vitos.get("vitos_video_boxes") is not None:
             raise ValueError("vitos_video_boxes needs num_beams = num_return_sequences = 1 (repeat the prompts in "
                              "the batch instead)")
-    if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+    if _generation_setting(model, kwargs, "use_cache", True) is False:
         raise ValueError("vitos pruning needs use_cache=True: the prompt is pruned once, at prefill, and decoding "
                          "continues from the compacted KV cache")
     if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
         raise ValueError("vitos pruning does not support assisted / speculative decoding")
-    if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)):
+    if _generation_setting(model, kwargs, "prefill_chunk_size"):
         raise ValueError("vitos pruning needs the whole prompt in one prefill (prefill_chunk_size must be None)")
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length() > 0:
@@ -1103,7 +1112,6 @@ def _prune_language_model_inputs(state: _PatchState, request: _Request, kwargs: 
         kwargs.update(_explicit_sequence_bounds(pruned))
     adapter.set_rope_deltas(model, pruned)
     request.pruned = pruned
-    _mark_pruned_cache(kwargs.get("cache", kwargs.get("past_key_values")), request)
     request.generate_kwargs_pending = request.in_generate
     model.__dict__["vitos_last_prefill"] = pruned.without_embeddings()
 
@@ -1210,10 +1218,17 @@ def _use_packed_layout(state: _PatchState, request: _Request, kwargs: dict[str, 
 
 def _language_model_post_hook(state: _PatchState, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
                               output: Any) -> Any:
-    """forward hook (with kwargs) of the language model: after a packed prefill, put the last hidden states and the
-    KV cache back into the left-padded [B, L] layout."""
+    """forward hook (with kwargs) of the language model: after a pruned prefill, tag its KV cache (what a follow-up
+    generate() needs); after a packed prefill, put the last hidden states and the KV cache back into the
+    left-padded [B, L] layout."""
     request = _request_for(state)
-    layout = request.packed_prefill if request is not None else None
+    if request is None:
+        return None
+    cache = _output_cache(output)
+    if request.pruned is not None and not request.cache_marked:  # the pruned prefill (generate() or forward())
+        _mark_pruned_cache(cache, request)
+        request.cache_marked = True
+    layout = request.packed_prefill
     if layout is None:
         return None
     request.packed_prefill = None
@@ -1222,10 +1237,6 @@ def _language_model_post_hook(state: _PatchState, module: torch.nn.Module, args:
     # a model split across devices (device_map) ends on another device than its embeddings, where rows were made
     padded = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, rows.to(hidden.device), hidden[0])
     padded = padded.view(batch, length, -1)
-    if isinstance(output, tuple):
-        cache = output[1] if len(output) > 1 else None
-    else:
-        cache = _output_cache(output)
     if cache is not None:
         _left_pad_cache(cache, rows, batch, length)
     if isinstance(output, tuple):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["VLMAdapter", "adapter_for", "supported_adapters", "supported_model_names"]
+__all__ = ["VLMAdapter", "adapter_for", "has_accelerate_hook", "supported_adapters", "supported_model_names"]
 
 _FAMILY_MODULES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
 
@@ -104,6 +104,12 @@ class VLMAdapter:
 
     def set_rope_deltas(self, model: torch.nn.Module, pruned: Any) -> None:
         """Store per-sample rope deltas for decoding from the compacted cache (Qwen's model.model.rope_deltas)."""
+
+
+def has_accelerate_hook(module: torch.nn.Module) -> bool:
+    """Whether accelerate manages the module (device_map across devices, CPU / disk offload): its hook moves inputs
+    and loads the module's own weights only when the module itself is called."""
+    return "_hf_hook" in module.__dict__
 
 
 def supported_adapters() -> list[VLMAdapter]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .._tensor_memo import TensorMemo
 from ..profiling import nvtx_annotate
 from ..ops.fused import rotary_embedding
-from . import VLMAdapter
+from . import VLMAdapter, has_accelerate_hook
 from .fused_layers import fused_active
 
 __all__ = ["ADAPTER", "QwenVLAdapter", "apply_vitos_to_qwen2_vl", "qwen_vision_varlen_forward",
@@ -113,7 +113,7 @@ def qwen_patch_embed_as_linear(self: torch.nn.Module, hidden_states: torch.Tenso
                 and all(d == 1 for d in proj.dilation) and proj.groups == 1)
     # the conv's weight must be in place: an accelerate hook (offloading, device_map) or a ZeRO-3 gather runs only
     # when the conv itself is called, so anything else calls the conv
-    weight_ready = ("_hf_hook" not in proj.__dict__ and proj.weight.device == hidden_states.device
+    weight_ready = (not has_accelerate_hook(proj) and proj.weight.device == hidden_states.device
                     and tuple(proj.weight.shape) == (proj.out_channels, proj.in_channels // proj.groups,
                                                      *proj.kernel_size))
     if not patchify or not weight_ready or not _use_varlen(self, hidden_states):
