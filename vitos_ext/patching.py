@@ -1224,9 +1224,8 @@ def _language_model_post_hook(state: _PatchState, module: torch.nn.Module, args:
     request = _request_for(state)
     if request is None:
         return None
-    cache = _output_cache(output)
     if request.pruned is not None and not request.cache_marked:  # the pruned prefill (generate() or forward())
-        _mark_pruned_cache(cache, request)
+        _mark_pruned_cache(_output_cache(output), request)
         request.cache_marked = True
     layout = request.packed_prefill
     if layout is None:
@@ -1237,6 +1236,7 @@ def _language_model_post_hook(state: _PatchState, module: torch.nn.Module, args:
     # a model split across devices (device_map) ends on another device than its embeddings, where rows were made
     padded = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, rows.to(hidden.device), hidden[0])
     padded = padded.view(batch, length, -1)
+    cache = _output_cache(output)
     if cache is not None:
         _left_pad_cache(cache, rows, batch, length)
     if isinstance(output, tuple):
