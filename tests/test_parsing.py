@@ -243,6 +243,21 @@ OPTIONS = {"A": "Normal", "B": "Pleural effusion", "C": "Pneumonia", "D": "Pneum
         ("", None),
         ("   ", None),
         ("no idea", None),
+        # LaTeX final answers: the last \\boxed{} counts
+        ("\\boxed{C}", "C"),
+        ("The answer is $\\boxed{\\text{(b)}}$.", "B"),
+        ("\\boxed{Pneumothorax}", "D"),
+        ("First I thought \\boxed{A}, but on reflection \\boxed{C}", "C"),
+        ("\\boxed{}", None),
+        # option text after a negation cue in its clause does not pick the option
+        ("not pneumonia", None),
+        ("No evidence of pneumonia", None),
+        ("without pneumothorax", None),
+        ("It is not pneumonia but a pleural effusion", "B"),
+        ("Pleural effusion rather than pneumonia.", "B"),
+        ("Pneumonia is ruled out; pneumothorax", None),  # a cue after the option text is not read: both named
+        ("Not sure. Pneumonia", "C"),  # the cue is in another clause
+        ("This isn't normal: pneumothorax", "D"),
     ],
 )
 def test_extract_choice(answer, expected):
@@ -257,6 +272,16 @@ def test_extract_choice_prefers_specific_option_text_and_handles_option_forms():
     assert extract_choice("Z", ["x", "y"]) is None
     assert extract_choice(None, OPTIONS) is None
     assert extract_choice("B", "A. x\nB. y") == "B"
+
+
+def test_extract_choice_option_texts_that_are_negations_themselves():
+    options = {"A": "Pleural effusion", "B": "No pleural effusion", "C": "Normal, no findings"}
+    assert extract_choice("no pleural effusion", options) == "B"
+    assert extract_choice("There is no pleural effusion.", options) == "B"  # the more specific option text
+    assert extract_choice("A small pleural effusion", options) == "A"
+    assert extract_choice("normal, no findings", options) == "C"
+    assert extract_choice("The scan is normal no findings", options) == "C"  # punctuation is optional
+    assert extract_choice("not normal, no findings", options) is None
 
 
 def test_normalize_and_split_options():

@@ -397,6 +397,36 @@ def _normalize_text(text: str) -> str:
     return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
 
+# Clause punctuation becomes this marker in the text that option texts are searched in, so that a negation cue is
+# only looked for inside the clause that names the option ("Not sure. Pneumonia" picks pneumonia).
+_CLAUSE_BREAK = "~"
+
+
+def _normalize_clauses(text: str) -> str:
+    marked = re.sub(r"[.,;:!?]+(?=\s|$)", f" {_CLAUSE_BREAK} ", text.lower())
+    return " ".join(re.sub(rf"[^0-9a-z{_CLAUSE_BREAK}]+", " ", marked).split())
+
+
+# "not pneumonia", "no evidence of pneumonia", "effusion rather than pneumonia": the option text right after such a
+# cue (at most two words between, same clause) is ruled out, not chosen
+_NEGATION_BEFORE = re.compile(
+    r"\b(?:not|no|never|without|nor|neither|excluding|except|exclude|excludes|ruled out|rule out|rules out|"
+    r"rather than|instead of|isn t|aren t|doesn t|don t)(?:\s+[0-9a-z]+){0,2}\s*$"
+)
+
+
+def _named_without_negation(option_text: str, clauses: str) -> bool:
+    """Whether the normalized ``option_text`` occurs in ``clauses`` at least once without a negation cue before it
+    in its clause (a clause break may stand between the option's own words: "Normal, no findings")."""
+    words = (re.escape(word) for word in option_text.split())
+    pattern = rf"(?<![0-9a-z]){rf'(?: {_CLAUSE_BREAK})? '.join(words)}(?![0-9a-z])"
+    for match in re.finditer(pattern, clauses):
+        clause = clauses[: match.start()].rsplit(_CLAUSE_BREAK, 1)[-1]
+        if not _NEGATION_BEFORE.search(clause):
+            return True
+    return False
+
+
 _BARE_LETTER = re.compile(r"^\W*\(?([A-Za-z])\)?\W*$")
 _LEADING_LETTER = re.compile(r"^\W*(?:\(([A-Za-z])\)|([A-Za-z])[.):])\s*(.*)$", re.DOTALL)
 _ANSWER_PHRASE = re.compile(
@@ -405,6 +435,18 @@ _ANSWER_PHRASE = re.compile(
 )
 # "B is correct": an upper-case letter opening the answer and followed by a verb (never the article "A lesion ...")
 _LETTER_THEN_VERB = re.compile(r"^\W*([A-Z])\s+(?:is|was|would|seems|appears|should)\b")
+
+
+# LaTeX final answers of reasoning models: "\boxed{C}", "$\boxed{\text{(B) Pneumonia}}$" (one level of inner braces)
+_BOXED = re.compile(r"\\boxed\s*\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` with LaTeX commands and braces removed, or None."""
+    found = _BOXED.findall(text)
+    if not found:
+        return None
+    return re.sub(r"\\[A-Za-z]+|[{}$]", " ", found[-1]).strip() or None
 
 
 def _phrase_letters(text: str) -> set[str]:
@@ -427,7 +469,8 @@ def _text_match(answer: str, options: dict[str, str]) -> str | None:
     exact = [letter for letter, text in texts.items() if text == normalized]
     if len(exact) == 1:
         return exact[0]
-    contained = [letter for letter, text in texts.items() if re.search(rf"\b{re.escape(text)}\b", normalized)]
+    clauses = _normalize_clauses(answer)
+    contained = [letter for letter, text in texts.items() if _named_without_negation(text, clauses)]
     # "bright round" also contains "round": keep only the most specific matches
     specific = [a for a in contained if not any(a != b and texts[a] in texts[b] for b in contained)]
     return specific[0] if len(specific) == 1 else None
@@ -437,8 +480,10 @@ def extract_choice(answer_text, options=None) -> str | None:
     """The option letter an answer picks, or None when it picks none or is ambiguous.
 
     Understands ``"C"``, ``"(c)"``, ``"C. Pneumonia"``, ``"c) pneumonia"``, ``"The answer is C"``,
-    ``"Answer: (C)"``, ``"Final answer: **C**"``, ``"C is correct"`` and the option text alone
-    (``"pneumonia"``, case and punctuation insensitive).
+    ``"Answer: (C)"``, ``"Final answer: **C**"``, ``"C is correct"``, ``"\\boxed{C}"`` (the last one counts) and the
+    option text alone (``"pneumonia"``, case and punctuation insensitive). Option text after a negation cue in its
+    clause (``"not pneumonia"``, ``"no evidence of pneumonia"``, ``"effusion rather than pneumonia"``) does not
+    pick that option.
     A letter whose trailing text names a *different* option (``"C. Effusion"`` when Effusion is B) and two
     different letters (``"the answer is A or the answer is B"``) are ambiguous and give None.
 
@@ -454,7 +499,7 @@ def extract_choice(answer_text, options=None) -> str | None:
     except ValueError:
         options = {}
     valid = set(options) if options else set(_LETTERS)
-    text = _ANY_TAG.sub(" ", answer_text).strip()
+    text = _last_boxed(answer_text) or _ANY_TAG.sub(" ", answer_text).strip()
     if not text:
         return None
 
