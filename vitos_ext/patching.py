@@ -700,12 +700,7 @@ def _patched_forward(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
     if labels is not None:
         kwargs["return_dict"] = True
     model.__dict__["vitos_last_prefill"] = None
-    token = _ACTIVE_REQUEST.set(request)
-    try:
-        output = original(*args, **kwargs)
-    finally:
-        _ACTIVE_REQUEST.reset(token)
-    _check_pruned(request)
+    output = _run_request(request, original, args, kwargs)
     if labels is not None:
         output = _with_compacted_loss(model, output, labels, request, kwargs)
         if return_dict is False:
@@ -734,6 +729,17 @@ def _reject_packed_sequences(kwargs: dict[str, Any]) -> None:
     if bool(restarts.any()):  # one read-back, only when the caller passes position ids itself
         raise ValueError(f"position_ids restart inside a row (packed sequences): token pruning through "
                          f"patch_model needs one sequence per row; {hint}")
+
+
+def _run_request(request: _Request, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """Call the original forward / generate with `request` active for the language-model hooks, and check it pruned."""
+    token = _ACTIVE_REQUEST.set(request)
+    try:
+        output = original(*args, **kwargs)
+    finally:
+        _ACTIVE_REQUEST.reset(token)
+    _check_pruned(request)
+    return output
 
 
 def _check_pruned(request: _Request) -> None:
@@ -774,13 +780,7 @@ def _patched_generate(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         inputs["input_ids"] = args[0] if args else kwargs.get("inputs")
     request = _make_request(state, vitos, inputs, in_generate=True)
     _fill_image_inputs(kwargs, request)
-    token = _ACTIVE_REQUEST.set(request)
-    try:
-        output = original(*args, **kwargs)
-    finally:
-        _ACTIVE_REQUEST.reset(token)
-    _check_pruned(request)
-    return output
+    return _run_request(request, original, args, kwargs)
 
 
 _PRUNED_CACHE_TAG = "_vitos_pruned_prompt"
