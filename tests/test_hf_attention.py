@@ -540,3 +540,34 @@ def test_compiled_language_model_traces_as_one_graph(lm, case):
         explained = torch._dynamo.explain(lm)(**kwargs)
     lm.set_attn_implementation("eager")
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+
+
+def test_attention_runs_in_the_autocast_dtype_like_sdpa(vl_model, monkeypatch):
+    """Under torch.autocast a float32 rotary table promotes q and k to float32 while v is in the autocast dtype:
+    attention runs in the autocast dtype (as SDPA does there), not in float32."""
+    import vitos_ext.hf_attention as hf_attention
+
+    seen = []
+    original = hf_attention.varlen_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "varlen_attention", spy)
+    batch = left_padded_vl_batch()
+    real = batch["attention_mask"].bool()
+    logits = {}
+    for name in ("sdpa", "eager", HF_ATTENTION_NAME):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[name] = _with_attention(vl_model, name)(**batch).logits.float()[real]
+    _with_attention(vl_model, "eager")
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+    # within the bf16 rounding that separates HF's own eager and SDPA paths under autocast
+    tolerance = 2 * (logits["eager"] - logits["sdpa"]).abs().max().item() + 1e-3
+    assert (logits[HF_ATTENTION_NAME] - logits["sdpa"]).abs().max().item() <= tolerance
+    seen.clear()
+    with torch.no_grad():
+        _with_attention(vl_model, HF_ATTENTION_NAME)(**batch)
+    _with_attention(vl_model, "eager")
+    assert set(seen) == {(torch.float32,) * 3}  # no autocast: the inputs' dtype

@@ -210,6 +210,15 @@ def _warn_no_attention_weights() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype inside torch.autocast (as SDPA there: a rotary table in float32
+    promotes q and k to float32 while v stays in the autocast dtype), else the query's."""
+    device = query.device.type
+    if query.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
+
+
 @nvtx_annotate("vitos.hf_attention")
 def vitos_varlen_attention_forward(
     module: torch.nn.Module,
@@ -238,10 +247,9 @@ def vitos_varlen_attention_forward(
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     batch, _, len_q, _ = query.shape
     len_k = key.shape[2]
-    q = query.transpose(1, 2)  # [B, L, H, D], FlashAttention's layout
-    # a no-op .to() is still a dispatcher round trip, twice per layer
-    k = key.transpose(1, 2) if key.dtype == query.dtype else key.transpose(1, 2).to(query.dtype)
-    v = value.transpose(1, 2) if value.dtype == query.dtype else value.transpose(1, 2).to(query.dtype)
+    dtype = _compute_dtype(query)
+    # [B, L, H, D], FlashAttention's layout; a no-op .to() is still a dispatcher round trip, three times per layer
+    q, k, v = (x.transpose(1, 2) if x.dtype == dtype else x.transpose(1, 2).to(dtype) for x in (query, key, value))
     call = dict(causal=causal, softmax_scale=scaling, backend=_settings["backend"])
 
     if attention_mask is not None:  # padded batch: unpad -> varlen -> pad back
