@@ -512,3 +512,60 @@ def test_smoke_run_of_each_schedule(phantom, tmp_path, schedule):
     assert "| after SFT |" in (tmp_path / "eval_table.md").read_text()
     tracker = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
     assert tracker["phase_complete"] and tracker["checkpoint"].endswith("-final")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mixed precision
+
+
+def test_mixed_precision_setting_resolves_per_device_and_weight_dtype():
+    from vitos_ext.trainer.logprobs import mixed_precision_dtype
+
+    fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert mixed_precision_dtype("auto", fp32) is None  # CPU: no autocast unless asked for
+    assert mixed_precision_dtype("bf16", fp32) is torch.bfloat16
+    assert mixed_precision_dtype("no", fp32) is None
+    assert mixed_precision_dtype("auto", bf16) is None
+    with pytest.raises(ValueError, match="mixed_precision"):
+        mixed_precision_dtype("fp8", fp32)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainerConfig(mixed_precision="fp16")
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert mixed_precision_dtype("auto", fp32.cuda()) is torch.bfloat16
+        assert mixed_precision_dtype("auto", bf16.cuda()) is None
+
+
+def test_bf16_mixed_precision_runs_forwards_in_bf16_and_keeps_float32_weights(phantom, tmp_path):
+    """mixed_precision="bf16": rollouts, training / old-policy / reference log-probs and evaluation run their
+    matmuls in bfloat16 under autocast; weights and gradients stay float32 and the weights move."""
+    train, test = phantom
+    model, processor = _tiny(seed=2)
+    start = _parameters(model)
+    config = _config(tmp_path, mixed_precision="bf16", beta=0.05, sft_steps=1, grounding_steps=1, sparse_steps=1)
+    trainer = DualStreamGRPOTrainer(model, processor, train, config, eval_data=test)
+    outputs, gradients = [], []
+    projection = model.model.language_model.layers[0].self_attn.q_proj
+    projection.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    projection.weight.register_hook(lambda grad: gradients.append(grad.dtype))
+    results = trainer.train()
+    assert outputs and set(outputs) == {torch.bfloat16}
+    assert gradients and set(gradients) == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    moved = _parameters(model)
+    assert any(not torch.equal(start[k], moved[k]) for k in start)
+    assert all(math.isfinite(results[label]["accuracy_full"]) for label in results)
+
+    # the bf16 log-probs are those of the float32 forward up to bf16 rounding
+    from vitos_ext.trainer.batching import PromptEncoder
+    from vitos_ext.trainer.logprobs import TrainingForward
+
+    encoder = PromptEncoder(processor)
+    prompt = encoder.batch([train[0], train[1]])
+    sequences = build_sequences(prompt, [torch.tensor([30, 31, 32, 2]), torch.tensor([40, 2])], encoder.pad_token_id)
+    mask = sequences.completion_mask.bool()
+    for layout in ("padded", "packed"):
+        with torch.no_grad():
+            low = TrainingForward(model, layout, torch.bfloat16)(sequences)
+            full = TrainingForward(model, layout)(sequences)
+        assert low.dtype == torch.float32 and not torch.equal(low, full)
+        assert (low - full)[mask].abs().max() < 0.1

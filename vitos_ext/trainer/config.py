@@ -25,6 +25,10 @@ SCHEDULES = ("stages", "alternate")
 FORWARD_LAYOUTS = ("auto", "packed", "padded")
 # what the sparse branch sees when a grounding rollout produced no valid box
 NO_BOX_POLICIES = ("no_visual_tokens", "all_visual_tokens")
+# "bf16": policy / reference forwards (rollouts, log-probs, evaluation) under torch.autocast(bfloat16) while weights,
+# gradients and optimizer states keep their dtype; "auto": "bf16" for float32 weights on a CUDA device with bfloat16
+# support, else "no"
+MIXED_PRECISIONS = ("auto", "bf16", "no")
 
 
 @dataclass
@@ -148,6 +152,7 @@ class TrainerConfig:
     fuse_tokens: bool = False
     no_box_policy: str = "no_visual_tokens"
     forward_layout: str = "auto"
+    mixed_precision: str = "auto"  # MIXED_PRECISIONS
 
     # evaluation, logging, checkpoints
     eval_every: int = 0  # GRPO steps between held-out evaluations (0: only at stage ends)
@@ -185,6 +190,8 @@ class TrainerConfig:
             raise ValueError(f"no_box_policy must be one of {NO_BOX_POLICIES}, got {self.no_box_policy!r}")
         if self.forward_layout not in FORWARD_LAYOUTS:
             raise ValueError(f"forward_layout must be one of {FORWARD_LAYOUTS}, got {self.forward_layout!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         if not isinstance(self.output_dir, (str, Path)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         _positive_int("seed", self.seed, minimum=0)

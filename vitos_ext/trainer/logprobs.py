@@ -318,6 +318,31 @@ def completion_logprobs(
         return _padded_completion_logprobs(model, batch, selection, temperature)
 
 
+def mixed_precision_dtype(setting: str, model: torch.nn.Module) -> torch.dtype | None:
+    """The autocast dtype of the policy's forwards for ``TrainerConfig.mixed_precision``, or None (no autocast).
+
+    "bf16" -> torch.bfloat16 on any device; "no" -> None; "auto" -> torch.bfloat16 when the model's floating-point
+    weights are float32 on a CUDA device with bfloat16 support (float32 master weights, bf16 matmuls and attention),
+    else None (CPU runs, and weights already in a low-precision dtype, stay as they are).
+    """
+    from .config import MIXED_PRECISIONS
+
+    if setting not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {setting!r}")
+    if setting != "auto":
+        return torch.bfloat16 if setting == "bf16" else None
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None or weight.device.type != "cuda" or weight.dtype != torch.float32:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast on ``device`` with ``dtype``, or a no-op context when dtype is None. Wraps forwards only: the
+    backward of a loss runs outside it (autocast's backward ops follow the forward's dtypes by themselves)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 class TrainingForward(torch.nn.Module):
     """The policy's training forward as a module: ``forward(batch, selection, temperature) -> log-probs [B, C]``.
 
@@ -329,15 +354,19 @@ class TrainingForward(torch.nn.Module):
     Args:
         policy: the (patched) policy model.
         layout: "auto", "packed" or "padded" (:func:`completion_logprobs`).
+        autocast_dtype: the forward runs under torch.autocast with this dtype (:func:`mixed_precision_dtype`); None:
+            in the weights' dtype.
     """
 
-    def __init__(self, policy: torch.nn.Module, layout: str = "auto"):
+    def __init__(self, policy: torch.nn.Module, layout: str = "auto", autocast_dtype: torch.dtype | None = None):
         super().__init__()
         if layout not in FORWARD_LAYOUTS:
             raise ValueError(f"layout must be one of {FORWARD_LAYOUTS}, got {layout!r}")
         self.policy = policy
         self.layout = layout
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, batch: SequenceBatch, selection: SparseSelection | None = None,
                 temperature: float = 1.0) -> torch.Tensor:
-        return completion_logprobs(self.policy, batch, selection, temperature, self.layout)
+        with autocast_context(batch.completion_ids.device, self.autocast_dtype):
+            return completion_logprobs(self.policy, batch, selection, temperature, self.layout)

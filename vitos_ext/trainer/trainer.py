@@ -53,7 +53,15 @@ from .data import DataOrder, TrainingData, gold_completion, jitter_boxes
 from .distributed import DataParallel, DistributedConfig, setup_distributed
 from .evaluate import EvalResult, evaluate_policy, format_eval_table
 from .grpo import clipped_surrogate_loss, group_advantages, informative_groups
-from .logprobs import FORWARD_LAYOUTS, SparseSelection, TrainingForward, completion_logprobs, resolve_forward_layout
+from .logprobs import (
+    FORWARD_LAYOUTS,
+    SparseSelection,
+    TrainingForward,
+    autocast_context,
+    completion_logprobs,
+    mixed_precision_dtype,
+    resolve_forward_layout,
+)
 from .metrics import MetricsLogger, plot_curves
 from .rollout import (
     Rollouts,
@@ -171,8 +179,12 @@ class DualStreamGRPOTrainer:
             config.save(self.output_dir / "config.json")
             self._write_data_report()
 
+        self.autocast_dtype = mixed_precision_dtype(config.mixed_precision, model)
+        if self.is_main and self.autocast_dtype is not None:
+            logger.info("mixed precision: forwards under torch.autocast(%s), weights and optimizer states in %s",
+                        self.autocast_dtype, next(model.parameters()).dtype)
         # the module every gradient-carrying policy forward goes through (DDP / FSDP2 wrap it when data-parallel)
-        self.training_forward = self.dist.wrap(TrainingForward(self.model, self.forward_layout))
+        self.training_forward = self.dist.wrap(TrainingForward(self.model, self.forward_layout, self.autocast_dtype))
         self._prompt_offset = 0  # first global prompt slot of this rank's share of the current step
         self._group_base = 0  # first global prompt slot of the current sampling round (dynamic sampling)
         self._rollout_calls = 0  # rollout generate() calls in the current step (a row-seeding stream id)
@@ -439,7 +451,7 @@ class DualStreamGRPOTrainer:
         start, stop = self.dist.split(len(examples))  # data-parallel: each rank decodes its slice
         local = None
         with nvtx_range("vitos.trainer.evaluate"), torch.random.fork_rng(devices=[]), \
-                self.dist.gathered_parameters():
+                self.dist.gathered_parameters(), self._mixed_precision():
             if stop > start:
                 local = evaluate_policy(self.model, self.encoder, examples[start:stop], self.config.eval_batch_size,
                                         self.config.max_new_tokens, self.config.dilate, self.config.fuse_tokens,
@@ -577,7 +589,7 @@ class DualStreamGRPOTrainer:
         rows = torch.arange(prompt.size).repeat_interleave(group)
         expanded = prompt.select(rows)
         row_offset = (self._group_base + self._prompt_offset) * group
-        with nvtx_range("vitos.trainer.rollout.grounding"), self.dist.gathered_parameters():
+        with nvtx_range("vitos.trainer.rollout.grounding"), self.dist.gathered_parameters(), self._mixed_precision():
             completions, truncated = generate_completions(self.model, expanded, self._sampling(),
                                                           merge_size=self.merge_size,
                                                           row_seeds=self._row_seeds(row_offset, rows.numel()))
@@ -599,7 +611,7 @@ class DualStreamGRPOTrainer:
                                                  config.fuse_tokens, config.no_box_policy)
         device_selection = type(selection)(selection.keep.to(self.device), selection.fuse)
         row_offset = grounding.row_offset * config.sparse_group
-        with nvtx_range("vitos.trainer.rollout.sparse"), self.dist.gathered_parameters():
+        with nvtx_range("vitos.trainer.rollout.sparse"), self.dist.gathered_parameters(), self._mixed_precision():
             completions, truncated = generate_completions(self.model, prompt.to(self.device), self._sampling(),
                                                           device_selection, self.merge_size,
                                                           row_seeds=self._row_seeds(row_offset, parent.numel()))
@@ -659,7 +671,12 @@ class DualStreamGRPOTrainer:
             selection = type(selection)(selection.keep.to(self.device), selection.fuse)
         if model is self.model:  # the policy: through the (data-parallel wrapped) training forward
             return self.training_forward(sequences, selection, self.config.temperature)
-        return completion_logprobs(model, sequences, selection, self.config.temperature, self.forward_layout)
+        with self._mixed_precision():  # the frozen reference
+            return completion_logprobs(model, sequences, selection, self.config.temperature, self.forward_layout)
+
+    def _mixed_precision(self):
+        """The autocast context of the forwards outside the training forward: rollouts, evaluation, the reference."""
+        return autocast_context(self.device, self.autocast_dtype)
 
     def _frozen_logprobs(self, model: torch.nn.Module, rollouts: Rollouts, batches: list[torch.Tensor]):
         """Per mini-batch log-probs under a frozen model (old policy or reference), no grad."""
