@@ -91,6 +91,34 @@ def test_packed_matches_padded_logprobs_and_gradients(model, branch):
     assert vision and any(float(g.abs().max()) > 0 for g in vision)  # the vision tower is trained through both
 
 
+@pytest.mark.parametrize("family", QWEN, ids=lambda f: f.name)
+def test_peft_lora_policy_trains_packed_like_padded(family):
+    """A PEFT LoRA policy (adapters on the language model and the vision tower) runs the packed layout through the
+    wrapped model, whose modules hold the adapters: same log-probs and adapter gradients as the padded layout."""
+    from peft import LoraConfig, get_peft_model
+
+    from vitos_ext.patching import patch_model
+
+    base = build_model(family, seed=3)
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj|qkv|fc1)",
+                                             init_lora_weights=False))
+    patch_model(policy)
+    assert packed_forward_support(policy) is None
+    assert resolve_forward_layout(policy, "packed") == "packed"
+    batch = sequences(family, base)
+    selection = selection_for("sparse", batch)
+    weights = torch.linspace(-1.0, 2.0, batch.completion_ids.numel()).view_as(batch.completion_ids.float())
+    padded = completion_logprobs(policy, batch, selection, temperature=0.7, layout="padded")
+    packed = completion_logprobs(policy, batch, selection, temperature=0.7, layout="packed")
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=2e-6)
+    g_padded, g_packed = _gradients(policy, padded, weights), _gradients(policy, packed, weights)
+    assert g_padded.keys() == g_packed.keys() and all("lora_" in name for name in g_padded)
+    assert any(".visual." in name for name in g_padded)
+    scale = max(float(g.abs().max()) for g in g_padded.values())
+    for name, expected in g_padded.items():
+        torch.testing.assert_close(g_packed[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
 def test_packed_forward_does_no_padding_work(model, monkeypatch):
     import vitos_ext.hf_attention as hf_attention
 

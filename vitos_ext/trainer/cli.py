@@ -2,7 +2,7 @@
 
     vitos-ext train --preset tiny-phantom [--output-dir DIR] [--seed N] [--set key=value ...]
     vitos-ext train --model MODEL_DIR --train-file train.json [--sft-file sft.json] [--eval-file test.json]
-                    [--set key=value ...]
+                    [--device cuda] [--dtype float32] [--lora-rank 16] [--set key=value ...]
 
 The package CLI calls :func:`train_main` with the arguments after ``train``. ``tiny-phantom`` is the embedded,
 offline CPU demonstration: it writes a synthetic phantom dataset, builds the tiny tokenizer / processor / Qwen2.5-VL,
@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .config import TrainerConfig
 from .data import prepare_training_data
@@ -173,8 +176,6 @@ def run_preset(name: str = "tiny-phantom", output_dir: str | Path | None = None,
     config = TrainerConfig.from_dict({**spec.config, "output_dir": str(output_dir), "seed": seed,
                                       "progress": progress, **(overrides or {})})
     if config.num_threads is not None:
-        import torch
-
         torch.set_num_threads(config.num_threads)
     train_file, test_file, sft_file = _write_phantom(output_dir / "data", spec, seed)
     model, processor = _tiny_model_and_processor(spec, seed)
@@ -205,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainerConfig field; VALUE is JSON (e.g. --set group_size=8)")
+    parser.add_argument("--device", default=None,
+                        help="with --model: where to train (default cuda:LOCAL_RANK when CUDA is available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_WEIGHT_DTYPES),
+                        help="with --model: dtype of the loaded weights (default float32: master weights, with bf16 "
+                             "autocast on CUDA, see mixed_precision; bfloat16 weights lose small AdamW updates)")
+    parser.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                        help="with --model: train LoRA adapters of rank R (needs peft) instead of every weight")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    parser.add_argument("--lora-targets", default=LORA_TARGETS, metavar="REGEX",
+                        help="modules that get adapters: a regex fully matching module names (default: the language "
+                             "model's attention and MLP projections)")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's tracker file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -223,19 +235,82 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
+# the language model's attention and MLP projections (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA name them alike); the
+# vision tower's MLPs share the projection names, hence the path
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
+_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def training_device(name: str | None):
+    """torch.device for ``--device``: None -> cuda when available, else cpu; a bare "cuda" is cuda:LOCAL_RANK (one
+    process per GPU under torchrun). Raises pipeline_cli.InferError for a device this machine lacks."""
+    from ..pipeline_cli import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _with_lora(model, rank: int, alpha: float | None, targets: str):
+    """`model` wrapped by PEFT with LoRA adapters of rank `rank` on the modules whose names fully match `targets`."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("--lora-rank needs peft (pip install peft)") from None
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
+                        target_modules=targets)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # e.g. no module matches
+        raise ValueError(f"--lora-targets {targets!r}: {error}") from None
+
+
+def _load_policy(args: argparse.Namespace):
+    """(model on its training device, processor) for ``--model`` (a checkpoint folder, or "tiny"), with LoRA adapters
+    when ``--lora-rank`` is given."""
+    from ..evaluation import load_eval_model
+    from ..pipeline_cli import StagePrinter
+
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise ValueError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    device = training_device(args.device)
+    dtype = _WEIGHT_DTYPES[args.dtype]
+    if dtype != torch.float32 and not args.lora_rank:
+        logger.warning("training every weight in %s: AdamW updates smaller than 1/256 of a weight are lost; float32 "
+                       "weights with bf16 autocast (mixed_precision, on by default on CUDA) avoid that", args.dtype)
+    if args.no_progress:  # transformers' own weight-loading bar too
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    model, processor = load_eval_model(args.model, device, dtype, args.seed, StagePrinter(enabled=not args.no_progress))
+    if args.lora_rank:
+        model = _with_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    return model, processor
+
+
+def _check_no_model_options(args: argparse.Namespace) -> None:
+    """A preset builds its own model and data: options of --model runs would be ignored, so they are refused."""
+    given = [option for option, value, default in (
+        ("--model", args.model, None), ("--train-file", args.train_file, None), ("--sft-file", args.sft_file, None),
+        ("--eval-file", args.eval_file, None), ("--device", args.device, None), ("--dtype", args.dtype, "float32"),
+        ("--lora-rank", args.lora_rank, 0), ("--lora-alpha", args.lora_alpha, None),
+        ("--lora-targets", args.lora_targets, LORA_TARGETS)) if value != default]
+    if given:
+        raise ValueError(f"--preset {args.preset} builds its own model and data on the CPU: drop "
+                         f"{', '.join(given)} (options of --model runs)")
+
+
 def _run_custom(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
-    from transformers import AutoModelForImageTextToText
-
-    from ..tiny import load_vl_processor
-
     if not args.model or not args.train_file:
         raise ValueError("without --preset, --model and --train-file are required")
     base = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.output_dir:
         base["output_dir"] = args.output_dir
     config = TrainerConfig.from_dict({**base, "seed": args.seed, "progress": not args.no_progress, **overrides})
-    processor = load_vl_processor(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, local_files_only=True)
+    model, processor = _load_policy(args)
     train_data = prepare_training_data(args.train_file)
     eval_data = prepare_training_data(args.eval_file) if args.eval_file else None
     sft_data = prepare_training_data(args.sft_file) if args.sft_file else None
@@ -247,6 +322,8 @@ def _run_custom(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     """Entry point of ``vitos-ext train``; returns the process exit code (0 ok, 2 bad arguments, 1 failure)."""
+    from ..pipeline_cli import InferError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -255,11 +332,12 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.config and args.preset:
             overrides = {**json.loads(Path(args.config).read_text()), **overrides}
         if args.preset:
+            _check_no_model_options(args)
             run_preset(args.preset, args.output_dir, args.seed, overrides, resume=args.resume,
                        progress=not args.no_progress)
         else:
             _run_custom(args, overrides)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, InferError) as error:
         print(f"vitos-ext train: error: {error}", file=sys.stderr)
         return 2
     except FloatingPointError as error:

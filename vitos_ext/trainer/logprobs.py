@@ -86,7 +86,9 @@ class SparseSelection:
 
 def _language_model_of(model: torch.nn.Module):
     from ..models import adapter_for
+    from ..patching import inner_model
 
+    model = inner_model(model)  # a PEFT policy: its adapters live inside the wrapped model's modules
     adapter = adapter_for(model)
     return adapter, adapter.language_model(model)
 
@@ -254,7 +256,10 @@ def _varlen_attention(model: torch.nn.Module, adapter, language_model):
 def _packed_completion_logprobs(model, batch: SequenceBatch, selection: SparseSelection | None,
                                 temperature: float) -> torch.Tensor:
     from ..integrations.packed import prune_packed_batch
+    from ..patching import inner_model
 
+    # the wrapped model of a PEFT policy runs its LoRA layers itself (PEFT injects them into its modules)
+    model = inner_model(model)
     adapter, language_model = _language_model_of(model)
     inputs = batch.model_inputs()
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]

@@ -1,0 +1,100 @@
+"""`vitos-ext train --model DIR`: a user's own checkpoint folder, trained on its device with float32 master weights
+(bf16 autocast on CUDA), optionally as LoRA adapters; bad options get one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from vitos_ext.data import write_phantom_dataset
+from vitos_ext.tiny import build_tiny_model, build_tiny_processor, save_tiny_assets
+from vitos_ext.trainer.cli import LORA_TARGETS, train_main, training_device
+
+IMAGE_SIZE = 56
+TINY_RUN = ["--set", "sft_steps=1", "--set", "sft_batch_size=2", "--set", "grounding_steps=1", "--set",
+            "sparse_steps=1", "--set", "prompts_per_step=2", "--set", "group_size=2", "--set", "max_new_tokens=12",
+            "--set", "eval_batch_size=4", "--set", "lr=0.001", "--set", "sft_lr=0.001", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_cli")
+    processor = build_tiny_processor(min_pixels=IMAGE_SIZE * IMAGE_SIZE, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+    folder = save_tiny_assets(root / "model", processor=processor, model=build_tiny_model(seed=0))
+    train = write_phantom_dataset(root / "data", 8, seed=5, image_size=IMAGE_SIZE, split="train")
+    return folder, train
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    """The parameters of the model saved in `folder` (the file's own key names differ between writers)."""
+    return dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype="auto").state_dict())
+
+
+def test_full_fine_tuning_of_a_checkpoint_folder(checkpoint, tmp_path):
+    folder, train = checkpoint
+    assert train_main(["--model", str(folder), "--train-file", str(train), "--output-dir", str(tmp_path),
+                       "--device", "cpu", *TINY_RUN]) == 0
+    before, after = _weights(folder), _weights(tmp_path / "final")
+    assert before.keys() == after.keys() and all(t.dtype == torch.float32 for t in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "config.json").read_text())["mixed_precision"] == "auto"
+
+
+def test_lora_adapters_on_the_language_model_only(checkpoint, tmp_path):
+    folder, train = checkpoint
+    assert train_main(["--model", str(folder), "--train-file", str(train), "--output-dir", str(tmp_path),
+                       "--device", "cpu", "--lora-rank", "4", *TINY_RUN]) == 0
+    adapter = json.loads((tmp_path / "final" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["target_modules"] == LORA_TARGETS
+    before, after = _weights(folder), _weights(tmp_path / "final")  # final/: adapters merged into the weights
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("language_model.layers." in k and k.endswith("proj.weight") for k in changed)
+
+
+def test_tiny_model_spec_and_bfloat16_weights_train(checkpoint, tmp_path, caplog):
+    _, train = checkpoint
+    assert train_main(["--model", "tiny", "--train-file", str(train), "--output-dir", str(tmp_path),
+                       "--device", "cpu", "--dtype", "bfloat16", *TINY_RUN]) == 0
+    assert "AdamW updates smaller than 1/256" in caplog.text
+    assert all(t.dtype == torch.bfloat16 for t in _weights(tmp_path / "final").values())
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--model", "{missing}"], "--model: no such directory"),
+    (["--model", "{folder}", "--device", "cuda:0"] if not torch.cuda.is_available() else
+     ["--model", "{folder}", "--device", "nonsense"], "--device"),
+    (["--model", "{folder}", "--lora-rank", "-1"], "--lora-rank must be >= 0"),
+    (["--model", "{folder}", "--lora-rank", "2", "--lora-alpha", "0"], "--lora-alpha must be > 0"),
+    (["--model", "{folder}", "--lora-rank", "2", "--lora-targets", "nothing_matches"], "--lora-targets"),
+    (["--model", "{text_only}"], "vitos_ext supports"),
+])
+def test_bad_options_fail_with_one_clear_line(checkpoint, tmp_path, capsys, arguments, message):
+    folder, train = checkpoint
+    text_only = tmp_path / "text_only"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    names = {"missing": tmp_path / "missing", "folder": folder, "text_only": text_only}
+    arguments = [a.format(**names) for a in arguments]
+    assert train_main([*arguments, "--train-file", str(train), "--output-dir", str(tmp_path / "out"), *TINY_RUN]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "Traceback" not in error
+    last = error.splitlines()[-1]
+    assert last.startswith("vitos-ext train: error:") and message in last
+
+
+def test_a_preset_refuses_options_of_model_runs(capsys):
+    assert train_main(["--preset", "tiny-phantom", "--lora-rank", "4", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "--device, --lora-rank" in error and "options of --model runs" in error
+
+
+def test_training_device_defaults_and_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert training_device(None) == expected
+    assert training_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert training_device("cuda") == torch.device("cuda", 0)
