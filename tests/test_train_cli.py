@@ -11,7 +11,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from vitos_ext.data import write_phantom_dataset
 from vitos_ext.tiny import build_tiny_model, build_tiny_processor, save_tiny_assets
-from vitos_ext.trainer.cli import LORA_TARGETS, train_main, training_device
+from vitos_ext.trainer.cli import LORA_TARGETS, _load_policy, build_parser, train_main, training_device
 
 IMAGE_SIZE = 56
 TINY_RUN = ["--set", "sft_steps=1", "--set", "sft_batch_size=2", "--set", "grounding_steps=1", "--set",
@@ -52,6 +52,18 @@ def test_lora_adapters_on_the_language_model_only(checkpoint, tmp_path):
     before, after = _weights(folder), _weights(tmp_path / "final")  # final/: adapters merged into the weights
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("language_model.layers." in k and k.endswith("proj.weight") for k in changed)
+
+
+def test_gradient_checkpointing_with_lora(checkpoint, tmp_path):
+    folder, train = checkpoint
+    args = build_parser().parse_args(["--model", str(folder), "--device", "cpu", "--lora-rank", "2",
+                                      "--gradient-checkpointing", "--no-progress"])
+    model, _ = _load_policy(args)
+    layers = model.get_base_model().model.language_model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert train_main(["--model", str(folder), "--train-file", str(train), "--output-dir", str(tmp_path),
+                       "--device", "cpu", "--lora-rank", "2", "--gradient-checkpointing", *TINY_RUN]) == 0
+    assert (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
 
 
 def test_tiny_model_spec_and_bfloat16_weights_train(checkpoint, tmp_path, caplog):

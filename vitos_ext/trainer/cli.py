@@ -2,7 +2,8 @@
 
     vitos-ext train --preset tiny-phantom [--output-dir DIR] [--seed N] [--set key=value ...]
     vitos-ext train --model MODEL_DIR --train-file train.json [--sft-file sft.json] [--eval-file test.json]
-                    [--device cuda] [--dtype float32] [--lora-rank 16] [--set key=value ...]
+                    [--device cuda] [--dtype float32] [--lora-rank 16] [--gradient-checkpointing]
+                    [--set key=value ...]
 
 The package CLI calls :func:`train_main` with the arguments after ``train``. ``tiny-phantom`` is the embedded,
 offline CPU demonstration: it writes a synthetic phantom dataset, builds the tiny tokenizer / processor / Qwen2.5-VL,
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-targets", default=LORA_TARGETS, metavar="REGEX",
                         help="modules that get adapters: a regex fully matching module names (default: the language "
                              "model's attention and MLP projections)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="with --model: recompute each layer's activations in backward (less memory, ~1.3x time)")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's tracker file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -286,6 +289,8 @@ def _load_policy(args: argparse.Namespace):
 
         transformers_logging.disable_progress_bar()
     model, processor = load_eval_model(args.model, device, dtype, args.seed, StagePrinter(enabled=not args.no_progress))
+    if args.gradient_checkpointing:  # non-reentrant: inputs need no requires_grad, also under LoRA
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank:
         model = _with_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     return model, processor
@@ -297,7 +302,8 @@ def _check_no_model_options(args: argparse.Namespace) -> None:
         ("--model", args.model, None), ("--train-file", args.train_file, None), ("--sft-file", args.sft_file, None),
         ("--eval-file", args.eval_file, None), ("--device", args.device, None), ("--dtype", args.dtype, "float32"),
         ("--lora-rank", args.lora_rank, 0), ("--lora-alpha", args.lora_alpha, None),
-        ("--lora-targets", args.lora_targets, LORA_TARGETS)) if value != default]
+        ("--lora-targets", args.lora_targets, LORA_TARGETS),
+        ("--gradient-checkpointing", args.gradient_checkpointing, False)) if value != default]
     if given:
         raise ValueError(f"--preset {args.preset} builds its own model and data on the CPU: drop "
                          f"{', '.join(given)} (options of --model runs)")
