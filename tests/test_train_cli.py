@@ -66,6 +66,25 @@ def test_gradient_checkpointing_with_lora(checkpoint, tmp_path):
     assert (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("flag, strategy", [([], "ddp"), (["--fsdp"], "fsdp2")])
+def test_data_parallel_strategy_reaches_the_trainer(checkpoint, tmp_path, monkeypatch, flag, strategy):
+    import vitos_ext.trainer.cli as cli
+
+    seen = []
+
+    class Recording(cli.DualStreamGRPOTrainer):
+        def __init__(self, *args, distributed=None, **kwargs):
+            seen.append(distributed)
+            super().__init__(*args, distributed=distributed, **kwargs)
+
+    monkeypatch.setattr(cli, "DualStreamGRPOTrainer", Recording)
+    folder, train = checkpoint
+    assert train_main(["--model", str(folder), "--train-file", str(train), "--output-dir", str(tmp_path),
+                       "--device", "cpu", *flag, *TINY_RUN, "--set", "sparse_steps=0", "--set",
+                       "grounding_steps=0"]) == 0
+    assert [config.strategy for config in seen] == [strategy]
+
+
 def test_tiny_model_spec_and_bfloat16_weights_train(checkpoint, tmp_path, caplog):
     _, train = checkpoint
     assert train_main(["--model", "tiny", "--train-file", str(train), "--output-dir", str(tmp_path),

@@ -2,7 +2,7 @@
 
     vitos-ext train --preset tiny-phantom [--output-dir DIR] [--seed N] [--set key=value ...]
     vitos-ext train --model MODEL_DIR --train-file train.json [--sft-file sft.json] [--eval-file test.json]
-                    [--device cuda] [--dtype float32] [--lora-rank 16] [--gradient-checkpointing]
+                    [--device cuda] [--dtype float32] [--lora-rank 16] [--gradient-checkpointing] [--fsdp]
                     [--set key=value ...]
 
 The package CLI calls :func:`train_main` with the arguments after ``train``. ``tiny-phantom`` is the embedded,
@@ -26,6 +26,7 @@ import torch
 
 from .config import TrainerConfig
 from .data import prepare_training_data
+from .distributed import DistributedConfig
 from .evaluate import format_eval_table
 from .trainer import DualStreamGRPOTrainer
 
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's attention and MLP projections)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="with --model: recompute each layer's activations in backward (less memory, ~1.3x time)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="with --model under torchrun: shard parameters, gradients and optimizer states (FSDP2) "
+                             "instead of replicating them (DDP)")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's tracker file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -303,7 +307,8 @@ def _check_no_model_options(args: argparse.Namespace) -> None:
         ("--eval-file", args.eval_file, None), ("--device", args.device, None), ("--dtype", args.dtype, "float32"),
         ("--lora-rank", args.lora_rank, 0), ("--lora-alpha", args.lora_alpha, None),
         ("--lora-targets", args.lora_targets, LORA_TARGETS),
-        ("--gradient-checkpointing", args.gradient_checkpointing, False)) if value != default]
+        ("--gradient-checkpointing", args.gradient_checkpointing, False), ("--fsdp", args.fsdp, False))
+        if value != default]
     if given:
         raise ValueError(f"--preset {args.preset} builds its own model and data on the CPU: drop "
                          f"{', '.join(given)} (options of --model runs)")
@@ -320,7 +325,9 @@ def _run_custom(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     train_data = prepare_training_data(args.train_file)
     eval_data = prepare_training_data(args.eval_file) if args.eval_file else None
     sft_data = prepare_training_data(args.sft_file) if args.sft_file else None
-    trainer = DualStreamGRPOTrainer(model, processor, train_data, config, eval_data=eval_data, sft_data=sft_data)
+    distributed = DistributedConfig(strategy="fsdp2" if args.fsdp else "ddp")
+    trainer = DualStreamGRPOTrainer(model, processor, train_data, config, eval_data=eval_data, sft_data=sft_data,
+                                    distributed=distributed)
     results = trainer.train(resume=args.resume)
     if results:
         print(format_eval_table(results))
