@@ -22,7 +22,7 @@ tests_for() {
   case $1 in
     ops) echo "tests/test_region_mask.py tests/test_compaction.py" ;;
     attention) echo "tests/test_attention.py" ;;
-    e2e) echo "tests/test_models.py tests/test_pipeline.py tests/test_integrations_packed.py tests/test_gpu_e2e.py" ;;
+    e2e) echo "tests/test_models.py tests/test_pipeline.py tests/test_integrations_packed.py tests/test_gpu_e2e.py tests/test_train_cli.py" ;;
   esac
 }
 parts=$([ "$what" = all ] && echo "ops attention e2e profile" || echo "$what")

@@ -193,6 +193,11 @@ def test_infer_errors_are_clear(offline, checkpoint, images, capsys):
         assert message in err, case
         if case != "no config":
             assert "Qwen2_5_VLForConditionalGeneration" in err and "LlavaForConditionalGeneration" in err
+    weightless = save_tiny_assets(offline / "weightless")  # config, tokenizer and processor only
+    assert "has no weights (no *.safetensors" in error_of("--model", str(weightless), "--image", images["png"], *base)
+    corrupt = save_tiny_assets(offline / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "cannot load the weights" in error_of("--model", str(corrupt), "--image", images["png"], *base)
     assert "--image" in error_of("--model", str(checkpoint), "--image", images["broken"], *base)
     assert "not found" in error_of("--model", str(checkpoint), "--image", str(offline / "nope.dcm"), *base)
     assert "--question must not be empty" in error_of("--model", str(checkpoint), "--image", images["png"],

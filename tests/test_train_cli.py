@@ -129,3 +129,24 @@ def test_training_device_defaults_and_local_rank(monkeypatch):
     assert training_device("cpu") == torch.device("cpu")
     if torch.cuda.is_available():
         assert training_device("cuda") == torch.device("cuda", 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_training_on_cuda_runs_bf16_autocast_and_the_packed_forward(checkpoint, tmp_path, caplog, monkeypatch,
+                                                                    lora):
+    """The default GPU run: cuda:LOCAL_RANK, float32 master weights under bf16 autocast, the packed varlen training
+    forward (also for a LoRA policy), and a final folder that loads back."""
+    import logging
+
+    import vitos_ext.trainer.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "_FALLBACK_REPORTED", set())  # each fallback reason is logged once per process
+    folder, train = checkpoint
+    caplog.set_level(logging.INFO, logger="vitos_ext.trainer")
+    assert train_main(["--model", str(folder), "--train-file", str(train), "--output-dir", str(tmp_path),
+                       *(["--lora-rank", "4"] if lora else []), *TINY_RUN]) == 0
+    assert "forwards under torch.autocast(torch.bfloat16)" in caplog.text
+    assert "falls back to the padded layout" not in caplog.text
+    final = _weights(tmp_path / "final")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values())

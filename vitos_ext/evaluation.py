@@ -500,7 +500,7 @@ def load_eval_model(spec: str, device: torch.device, dtype: torch.dtype, seed: i
         return load_model_and_processor(path, dtype, device, progress, adapter)
     if adapter is not None:
         raise InferError(weightless)
-    logger.warning("%s has no weights: evaluating a randomly initialized %s (seed %d)", path, cls.__name__, seed)
+    logger.warning("%s has no weights: using a randomly initialized %s (seed %d)", path, cls.__name__, seed)
     try:
         processor = load_vl_processor(path)
     except (OSError, ValueError, TypeError) as error:

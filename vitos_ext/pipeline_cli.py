@@ -151,7 +151,7 @@ def load_model_and_processor(directory: str | os.PathLike, dtype: torch.dtype = 
         (model in eval mode on `device`, processor).
 
     Raises:
-        InferError: missing folder / config, unsupported architecture, no usable processor.
+        InferError: missing folder / config, unsupported architecture, no usable processor, no (readable) weights.
     """
     from .tiny import load_vl_processor
 
@@ -164,9 +164,16 @@ def load_model_and_processor(directory: str | os.PathLike, dtype: torch.dtype = 
         except (OSError, ValueError, TypeError) as error:
             raise InferError(f"--model: no usable processor in {path}: {error}") from None
     size = _weights_size(path)
+    if not size:
+        raise InferError(f"--model: {path} has no weights (no {', '.join('*' + s for s in _WEIGHT_SUFFIXES)} file)")
     with progress(f"loading {cls.__name__} ({size / 1e9:.2f} GB of weights) as {str(dtype).split('.')[-1]} "
                   f"onto {device}"):
-        model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
+        from safetensors import SafetensorError
+
+        try:
+            model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # unreadable / mismatched weight files
+            raise InferError(f"--model: cannot load the weights in {path}: {error}") from None
     if adapter is not None:
         model = _merged_adapter(model, adapter, progress)
     model = model.to(device).eval()

@@ -248,7 +248,7 @@ LORA_TARGETS = r".*language_model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(
 _WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def training_device(name: str | None):
+def training_device(name: str | None) -> torch.device:
     """torch.device for ``--device``: None -> cuda when available, else cpu; a bare "cuda" is cuda:LOCAL_RANK (one
     process per GPU under torchrun). Raises pipeline_cli.InferError for a device this machine lacks."""
     from ..pipeline_cli import resolve_device
