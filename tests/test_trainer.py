@@ -535,6 +535,15 @@ def test_mixed_precision_setting_resolves_per_device_and_weight_dtype():
         assert mixed_precision_dtype("auto", bf16.cuda()) is None
 
 
+def test_sixteen_bit_trainable_parameters_are_warned_about(phantom, tmp_path, caplog):
+    train, _ = phantom
+    model, processor = _tiny(seed=2)
+    DualStreamGRPOTrainer(model, processor, train, _config(tmp_path / "fp32"))
+    assert "AdamW updates" not in caplog.text
+    DualStreamGRPOTrainer(model.to(torch.bfloat16), processor, train, _config(tmp_path / "bf16"))
+    assert "trainable parameters in torch.bfloat16: AdamW updates smaller than ~1/256" in caplog.text
+
+
 def test_bf16_mixed_precision_runs_forwards_in_bf16_and_keeps_float32_weights(phantom, tmp_path):
     """mixed_precision="bf16": rollouts, training / old-policy / reference log-probs and evaluation run their
     matmuls in bfloat16 under autocast; weights and gradients stay float32 and the weights move."""

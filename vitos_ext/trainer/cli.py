@@ -284,10 +284,7 @@ def _load_policy(args: argparse.Namespace):
     if args.lora_alpha is not None and not args.lora_alpha > 0:
         raise ValueError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
     device = training_device(args.device)
-    dtype = _WEIGHT_DTYPES[args.dtype]
-    if dtype != torch.float32 and not args.lora_rank:
-        logger.warning("training every weight in %s: AdamW updates smaller than 1/256 of a weight are lost; float32 "
-                       "weights with bf16 autocast (mixed_precision, on by default on CUDA) avoid that", args.dtype)
+    dtype = _WEIGHT_DTYPES[args.dtype]  # bfloat16 with full fine-tuning: the trainer warns about lost updates
     if args.no_progress:  # transformers' own weight-loading bar too
         from transformers.utils import logging as transformers_logging
 

@@ -180,9 +180,8 @@ class DualStreamGRPOTrainer:
             self._write_data_report()
 
         self.autocast_dtype = mixed_precision_dtype(config.mixed_precision, model)
-        if self.is_main and self.autocast_dtype is not None:
-            logger.info("mixed precision: forwards under torch.autocast(%s), weights and optimizer states in %s",
-                        self.autocast_dtype, next(model.parameters()).dtype)
+        if self.is_main:
+            self._report_precision()
         # the module every gradient-carrying policy forward goes through (DDP / FSDP2 wrap it when data-parallel)
         self.training_forward = self.dist.wrap(TrainingForward(self.model, self.forward_layout, self.autocast_dtype))
         self._prompt_offset = 0  # first global prompt slot of this rank's share of the current step
@@ -231,6 +230,16 @@ class DualStreamGRPOTrainer:
             if report["skipped"]:
                 logger.warning("%s data: %d of %d rows skipped: %s", split, len(report["skipped"]), report["total"],
                                report["skipped_by_reason"])
+
+    def _report_precision(self) -> None:
+        low = sorted({str(p.dtype) for p in self._trainable_parameters() if p.dtype in (torch.bfloat16, torch.float16)})
+        if low:  # e.g. from_pretrained(..., dtype=torch.bfloat16) and full fine-tuning
+            logger.warning("trainable parameters in %s: AdamW updates smaller than ~1/256 of a weight are lost in "
+                           "that format; load the model in float32 (mixed_precision='auto' then runs the forwards "
+                           "under bf16 autocast on CUDA) or train LoRA adapters", " / ".join(low))
+        if self.autocast_dtype is not None:
+            logger.info("mixed precision: forwards under torch.autocast(%s), weights and optimizer states in %s",
+                        self.autocast_dtype, next(self.model.parameters()).dtype)
 
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
