@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One-shot check on a CUDA machine without network (python3 there already has torch, triton, transformers):
 # build vitos_ext with its CUDA kernels, run the CUDA tests (under compute-sanitizer memcheck when installed),
-# then print the benchmark tables; "profile" (part of all, last) prints where the end-to-end stages spend their time.
-# Usage: bash benchmarks/gpu_check.sh [ops|attention|e2e|profile|all] (default all).
+# then print the benchmark tables; "profile" prints where the end-to-end stages spend their time, and "trainer" (last)
+# runs the trainer's CUDA tests (bf16 autocast, packed forward, LoRA).
+# Usage: bash benchmarks/gpu_check.sh [ops|attention|e2e|profile|trainer|all] (default all).
 # Logs go to $OUT (if set) or /tmp/vitos_gpu_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,10 +23,11 @@ tests_for() {
   case $1 in
     ops) echo "tests/test_region_mask.py tests/test_compaction.py" ;;
     attention) echo "tests/test_attention.py" ;;
-    e2e) echo "tests/test_models.py tests/test_pipeline.py tests/test_integrations_packed.py tests/test_gpu_e2e.py tests/test_train_cli.py" ;;
+    e2e) echo "tests/test_models.py tests/test_pipeline.py tests/test_integrations_packed.py tests/test_gpu_e2e.py" ;;
+    trainer) echo "tests/test_train_cli.py" ;;
   esac
 }
-parts=$([ "$what" = all ] && echo "ops attention e2e profile" || echo "$what")
+parts=$([ "$what" = all ] && echo "ops attention e2e profile trainer" || echo "$what")
 # each step has its own limit so that one slow step cannot starve the rest of a short GPU lease
 step_limit=${VITOS_STEP_TIMEOUT:-150}
 
@@ -41,6 +43,7 @@ for part in $parts; do
     timeout "$step_limit" python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_fused_ops.py 2>&1 \
       | tee "$log_dir/tests_fused.log" | tail -25 || status=1
   fi
+  [ -f "benchmarks/gpu_$part.py" ] || continue  # the trainer part has tests only
   step "benchmark: benchmarks/gpu_$part.py"
   timeout "$step_limit" python3 "benchmarks/gpu_$part.py" 2>&1 | tee "$log_dir/bench_$part.log" || status=1
 done
