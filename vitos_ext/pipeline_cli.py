@@ -153,6 +153,8 @@ def load_model_and_processor(directory: str | os.PathLike, dtype: torch.dtype = 
     Raises:
         InferError: missing folder / config, unsupported architecture, no usable processor, no (readable) weights.
     """
+    from safetensors import SafetensorError
+
     from .tiny import load_vl_processor
 
     progress = progress if progress is not None else StagePrinter(enabled=False)
@@ -168,8 +170,6 @@ def load_model_and_processor(directory: str | os.PathLike, dtype: torch.dtype = 
         raise InferError(f"--model: {path} has no weights (no {', '.join('*' + s for s in _WEIGHT_SUFFIXES)} file)")
     with progress(f"loading {cls.__name__} ({size / 1e9:.2f} GB of weights) as {str(dtype).split('.')[-1]} "
                   f"onto {device}"):
-        from safetensors import SafetensorError
-
         try:
             model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
         except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # unreadable / mismatched weight files

@@ -246,6 +246,9 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 # vision tower's MLPs share the projection names, hence the path
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
 _WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# options that only a --model run reads (a preset builds its own model and data)
+_MODEL_RUN_OPTIONS = ("model", "train_file", "sft_file", "eval_file", "device", "dtype", "lora_rank", "lora_alpha",
+                      "lora_targets", "gradient_checkpointing", "fsdp")
 
 
 def training_device(name: str | None) -> torch.device:
@@ -299,13 +302,9 @@ def _load_policy(args: argparse.Namespace):
 
 def _check_no_model_options(args: argparse.Namespace) -> None:
     """A preset builds its own model and data: options of --model runs would be ignored, so they are refused."""
-    given = [option for option, value, default in (
-        ("--model", args.model, None), ("--train-file", args.train_file, None), ("--sft-file", args.sft_file, None),
-        ("--eval-file", args.eval_file, None), ("--device", args.device, None), ("--dtype", args.dtype, "float32"),
-        ("--lora-rank", args.lora_rank, 0), ("--lora-alpha", args.lora_alpha, None),
-        ("--lora-targets", args.lora_targets, LORA_TARGETS),
-        ("--gradient-checkpointing", args.gradient_checkpointing, False), ("--fsdp", args.fsdp, False))
-        if value != default]
+    parser = build_parser()
+    given = ["--" + dest.replace("_", "-") for dest in _MODEL_RUN_OPTIONS
+             if getattr(args, dest) != parser.get_default(dest)]
     if given:
         raise ValueError(f"--preset {args.preset} builds its own model and data on the CPU: drop "
                          f"{', '.join(given)} (options of --model runs)")

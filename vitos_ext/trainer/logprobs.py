@@ -40,7 +40,7 @@ import torch
 
 from ..profiling import nvtx_range
 from .batching import SequenceBatch
-from .config import FORWARD_LAYOUTS
+from .config import FORWARD_LAYOUTS, MIXED_PRECISIONS
 
 __all__ = [
     "FORWARD_LAYOUTS",
@@ -330,8 +330,6 @@ def mixed_precision_dtype(setting: str, model: torch.nn.Module) -> torch.dtype |
     weights are float32 on a CUDA device with bfloat16 support (float32 master weights, bf16 matmuls and attention),
     else None (CPU runs, and weights already in a low-precision dtype, stay as they are).
     """
-    from .config import MIXED_PRECISIONS
-
     if setting not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {setting!r}")
     if setting != "auto":
