@@ -1,9 +1,10 @@
 """Command line / preset entry points of the trainer.
 
-    vitos-ext train --preset tiny-phantom [--output-dir DIR] [--seed N] [--set key=value ...]
+    vitos-ext train --preset tiny-phantom [--output-dir DIR] [--seed N] [--report-to tensorboard]
+                    [--set key=value ...]
     vitos-ext train --model MODEL_DIR --train-file train.json [--sft-file sft.json] [--eval-file test.json]
                     [--device cuda] [--dtype float32] [--lora-rank 16] [--gradient-checkpointing] [--fsdp]
-                    [--set key=value ...]
+                    [--report-to tensorboard wandb] [--run-name NAME] [--set key=value ...]
 
 The package CLI calls :func:`train_main` with the arguments after ``train``. ``tiny-phantom`` is the embedded,
 offline CPU demonstration: it writes a synthetic phantom dataset, builds the tiny tokenizer / processor / Qwen2.5-VL,
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .config import TrainerConfig
+from .config import REPORT_TARGETS, TrainerConfig
 from .data import prepare_training_data
 from .distributed import DistributedConfig
 from .evaluate import format_eval_table
@@ -224,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fsdp", action="store_true",
                         help="with --model under torchrun: shard parameters, gradients and optimizer states (FSDP2) "
                              "instead of replicating them (DDP)")
+    parser.add_argument("--report-to", nargs="+", choices=(*REPORT_TARGETS, "none"), metavar="TRACKER",
+                        help=f"also send the metrics to these trackers ({', '.join(REPORT_TARGETS)}; "
+                             "TensorBoard logs go to OUTPUT_DIR/tensorboard)")
+    parser.add_argument("--run-name", help="the trackers' run name (default: the output folder's name)")
     parser.add_argument("--resume", action="store_true", help="continue from the output folder's tracker file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -240,6 +245,16 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             overrides[key] = value  # a bare string
     return overrides
+
+
+def _tracker_options(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainerConfig fields given by --report-to / --run-name (only those given: a --config file may set them)."""
+    options: dict[str, Any] = {}
+    if args.report_to is not None:
+        options["report_to"] = list(args.report_to)
+    if args.run_name is not None:
+        options["run_name"] = args.run_name
+    return options
 
 
 # the language model's attention and MLP projections (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA name them alike); the
@@ -337,7 +352,7 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        overrides = _overrides(args.set)
+        overrides = {**_tracker_options(args), **_overrides(args.set)}
         if args.config and args.preset:
             overrides = {**json.loads(Path(args.config).read_text()), **overrides}
         if args.preset:

@@ -15,6 +15,7 @@ __all__ = [
     "SCHEDULES",
     "FORWARD_LAYOUTS",
     "NO_BOX_POLICIES",
+    "REPORT_TARGETS",
     "GroundingRewardWeights",
     "SparseRewardWeights",
     "TrainerConfig",
@@ -29,6 +30,8 @@ NO_BOX_POLICIES = ("no_visual_tokens", "all_visual_tokens")
 # gradients and optimizer states keep their dtype; "auto": "bf16" for float32 weights on a CUDA device with bfloat16
 # support, else "no"
 MIXED_PRECISIONS = ("auto", "bf16", "no")
+# experiment trackers the metrics go to besides metrics.jsonl (vitos_ext/trainer/metrics.py)
+REPORT_TARGETS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -75,6 +78,17 @@ def _finite(name: str, value: Any, minimum: float | None = None, maximum: float 
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
+
+
+def _report_targets(value: Any) -> tuple[str, ...]:
+    """report_to as a tuple of names without repeats: "tensorboard,wandb" and lists are accepted, "none" is none."""
+    if value is None:
+        return ()
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"report_to must be a list of tracker names or a comma-separated string, got {value!r}")
+    cleaned = [name.strip().lower() for name in names]
+    return tuple(dict.fromkeys(name for name in cleaned if name and name != "none"))
 
 
 @dataclass
@@ -161,6 +175,10 @@ class TrainerConfig:
     save_every: int = 0  # GRPO steps between checkpoints (0: only at stage ends)
     keep_checkpoints: int = 2  # step checkpoints kept besides stage-end ones (the tracked one is never deleted)
     log_every: int = 1
+    # trackers fed the same records as metrics.jsonl: "tensorboard" (event files in <output_dir>/tensorboard) and/or
+    # "wandb" (project $WANDB_PROJECT or "vitos-ext"); a string may list them comma-separated, "none" for none
+    report_to: tuple[str, ...] = ()
+    run_name: str | None = None  # the trackers' run name (None: the output folder's name)
     progress: bool = True
     num_threads: int | None = None  # torch.set_num_threads for the run (None: leave as is)
 
@@ -171,6 +189,7 @@ class TrainerConfig:
             self.sparse_rewards = SparseRewardWeights(**self.sparse_rewards)
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)
+        self.report_to = _report_targets(self.report_to)
         self.validate()
 
     @property
@@ -192,6 +211,11 @@ class TrainerConfig:
             raise ValueError(f"forward_layout must be one of {FORWARD_LAYOUTS}, got {self.forward_layout!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
+        unknown_targets = [name for name in self.report_to if name not in REPORT_TARGETS]
+        if unknown_targets:
+            raise ValueError(f"report_to must list names from {REPORT_TARGETS} (or be 'none'), got {unknown_targets}")
+        if self.run_name is not None and (not isinstance(self.run_name, str) or not self.run_name.strip()):
+            raise ValueError(f"run_name must be a non-empty string or None, got {self.run_name!r}")
         if not isinstance(self.output_dir, (str, Path)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         _positive_int("seed", self.seed, minimum=0)
@@ -239,6 +263,7 @@ class TrainerConfig:
         data = dataclasses.asdict(self)
         data["output_dir"] = str(self.output_dir)
         data["adam_betas"] = list(self.adam_betas)
+        data["report_to"] = list(self.report_to)
         return data
 
     @classmethod

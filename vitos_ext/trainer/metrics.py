@@ -1,16 +1,19 @@
-"""Metrics: a JSON-lines log and a PNG of the reward / IoU / accuracy curves (drawn with PIL, no matplotlib)."""
+"""Metrics: a JSON-lines log, optional TensorBoard / Weights & Biases trackers fed the same records, and a PNG of the
+reward / IoU / accuracy curves (drawn with PIL, no matplotlib)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "DEFAULT_PANELS"]
+__all__ = ["MetricsLogger", "TensorBoardSink", "WandbSink", "make_sinks", "read_metrics", "plot_curves",
+           "DEFAULT_PANELS"]
 
 # panel title -> metric keys drawn in it
 DEFAULT_PANELS: dict[str, tuple[str, ...]] = {
@@ -24,25 +27,150 @@ DEFAULT_PANELS: dict[str, tuple[str, ...]] = {
 _COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 
 
-class MetricsLogger:
-    """Append one JSON object per line to ``path`` (created with its folder; appends on resume)."""
+# record keys that are the x axis, not curves
+_STEP_KEYS = ("global_step", "phase_step")
 
-    def __init__(self, path: str | os.PathLike):
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The entries of a record a tracker can draw: finite numbers (strings such as the phase name are left out)."""
+    return {key: float(value) for key, value in record.items()
+            if key not in _STEP_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)}
+
+
+class MetricsLogger:
+    """Append one JSON object per line to ``path`` (created with its folder; appends on resume) and hand every record
+    to the trackers in ``sinks`` (see :func:`make_sinks`), keyed by the record's ``global_step``."""
+
+    def __init__(self, path: str | os.PathLike, sinks: list | tuple = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sinks = list(sinks)
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record; non-finite floats are written as null (valid JSON)."""
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
+        step = int(record.get("global_step", 0))
+        for sink in self.sinks:
+            sink.log(record, step)
 
     def truncate_after(self, global_step: int) -> None:
         """Drop records logged after ``global_step`` (a resumed run re-logs those steps)."""
+        for sink in self.sinks:
+            sink.truncate_after(global_step)
         if not self.path.is_file():
             return
         kept = [r for r in read_metrics(self.path) if int(r.get("global_step", 0)) <= global_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def flush(self) -> None:
+        """Push what the trackers buffer to disk (metrics.jsonl itself is written record by record)."""
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        """End the trackers' runs (the JSONL log needs no closing)."""
+        for sink in self.sinks:
+            sink.close()
+
+
+class TensorBoardSink:
+    """The scalars of every record as TensorBoard events in ``log_dir`` (x = global step).
+
+    A resumed run hides the events it logs again: the writer opened after :meth:`truncate_after` purges every
+    event at a later step from the earlier files (TensorBoard's ``purge_step``).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package
+            raise ImportError("report_to includes 'tensorboard', which needs the tensorboard package "
+                              "(pip install tensorboard)") from None
+        self._writer_class = SummaryWriter
+        self.log_dir = Path(log_dir)
+        self._writer = None
+        self._purge_step: int | None = None
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if self._writer is None:  # opened on first use, so a resume can still set the purge step
+            self._writer = self._writer_class(str(self.log_dir), purge_step=self._purge_step)
+            self._purge_step = None
+        for key, value in _scalars(record).items():
+            self._writer.add_scalar(key, value, step)
+
+    def truncate_after(self, global_step: int) -> None:
+        self.close()
+        self._purge_step = global_step + 1
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class WandbSink:
+    """The scalars of every record in a Weights & Biases run, against a ``global_step`` axis.
+
+    The run id is kept in ``<output_dir>/wandb_run_id``, so a resumed training continues the same run. W&B cannot
+    delete history: steps a resumed run repeats appear twice there (metrics.jsonl and TensorBoard keep one copy).
+    The project is ``$WANDB_PROJECT`` or "vitos-ext"; entity, mode (e.g. ``WANDB_MODE=offline``) and credentials come
+    from wandb's own environment variables.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, run_name: str, config: dict[str, Any]):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("report_to includes 'wandb', which needs the wandb package (pip install wandb)") from None
+        output_dir = Path(output_dir)
+        id_file = output_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vitos-ext"), name=run_name, id=run_id,
+                              resume="allow", dir=str(output_dir), config=config)
+        id_file.write_text(run_id + "\n")
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        self.run.log({**_scalars(record), "global_step": step})
+
+    def truncate_after(self, global_step: int) -> None:
+        pass  # see the class docstring
+
+    def flush(self) -> None:
+        pass  # wandb streams records in its own process
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def make_sinks(report_to: tuple[str, ...] | list[str], output_dir: str | os.PathLike, run_name: str | None = None,
+               config: dict[str, Any] | None = None) -> list:
+    """The trackers named in ``report_to`` ("tensorboard", "wandb"); a missing package raises ImportError naming it.
+
+    TensorBoard writes to ``<output_dir>/tensorboard``; ``run_name`` (default: the output folder's name) names the
+    W&B run, and ``config`` (the TrainerConfig as a dict) is stored with it.
+    """
+    output_dir = Path(output_dir)
+    run_name = run_name or output_dir.resolve().name
+    sinks = []
+    for name in report_to:
+        if name == "tensorboard":
+            sinks.append(TensorBoardSink(output_dir / "tensorboard"))
+        elif name == "wandb":
+            sinks.append(WandbSink(output_dir, run_name, config or {}))
+        else:
+            raise ValueError(f"report_to: unknown tracker {name!r}; known: tensorboard, wandb")
+    return sinks
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -62,7 +62,7 @@ from .logprobs import (
     mixed_precision_dtype,
     resolve_forward_layout,
 )
-from .metrics import MetricsLogger, plot_curves
+from .metrics import MetricsLogger, make_sinks, plot_curves
 from .rollout import (
     Rollouts,
     SamplingSettings,
@@ -98,6 +98,12 @@ class _NoMetrics:
         pass
 
     def truncate_after(self, global_step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -174,8 +180,10 @@ class DualStreamGRPOTrainer:
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLogger(self.output_dir / "metrics.jsonl") if self.is_main else _NoMetrics()
+        self.metrics: MetricsLogger | _NoMetrics = _NoMetrics()
         if self.is_main:
+            sinks = make_sinks(config.report_to, self.output_dir, config.run_name, config.to_dict())
+            self.metrics = MetricsLogger(self.output_dir / "metrics.jsonl", sinks)
             config.save(self.output_dir / "config.json")
             self._write_data_report()
 
@@ -367,7 +375,10 @@ class DualStreamGRPOTrainer:
             self._finish()
         except NonFiniteError as error:
             self._record_failure(error)
+            self.metrics.close()
             raise
+        finally:
+            self.metrics.flush()
         return self.state["eval_results"]
 
     def _run_phase(self, phase: str, stop_at_step: int | None) -> bool:
@@ -433,6 +444,7 @@ class DualStreamGRPOTrainer:
                 (self.output_dir / "eval_results.json").write_text(json.dumps(results, indent=1) + "\n")
                 (self.output_dir / "eval_table.md").write_text(format_eval_table(results) + "\n")
             plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "curves.png")
+        self.metrics.close()
         self.dist.barrier()
 
     def _record_failure(self, error: Exception) -> None:
