@@ -487,6 +487,52 @@ def test_bad_samples_are_reported_and_skipped(tmp_path):
                                                     "missing answer": 1, "unreadable image": 1}
 
 
+def test_images_are_checked_up_front_and_decoded_on_access(phantom, tmp_path):
+    from vitos_ext.data import load_image, make_phantom_record
+
+    train, _ = phantom
+    assert all(example.preloaded_image is None for example in train.examples)  # no dataset-sized pile of decoded pixels
+    first = train[0]
+    decoded = load_image(first.sample.image_paths[0])
+    assert first.image.tobytes() == decoded.tobytes() and first.image.mode == "RGB"
+
+    record, image = make_phantom_record(0, seed=3, image_size=IMAGE_SIZE)
+    image.save(tmp_path / "scan.png")
+    rows = [{"image_path": [str(tmp_path / "scan.png")], **record}]
+    kept = prepare_training_data(rows, keep_images=True)[0]
+    assert kept.preloaded_image is not None and kept.image is kept.image
+    lazy = prepare_training_data(rows)[0]
+    (tmp_path / "scan.png").unlink()  # gone after the check: the next read names the file
+    with pytest.raises(FileNotFoundError, match="scan.png"):
+        lazy.image
+    assert kept.image.size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_prompt_cache_is_bounded_and_least_recently_used_goes_first(phantom):
+    from vitos_ext.trainer.batching import PromptEncoder
+
+    train, _ = phantom
+    _, processor = _tiny()
+    size = PromptEncoder(processor).encode(train[0]).nbytes
+    encoder = PromptEncoder(processor, cache_bytes=2 * size + size // 2)  # room for two prompts
+    first = encoder.encode(train[0], key=0)
+    encoder.encode(train[1], key=1)
+    assert encoder.encode(train[0], key=0) is first  # a hit, and key 0 becomes the most recently used
+    encoder.encode(train[2], key=2)  # evicts key 1, the least recently used
+    assert encoder.cached_bytes <= encoder.cache_bytes and set(encoder._cache) == {0, 2}
+    again = encoder.encode(train[1], key=1)  # re-encoded (evicting key 0, now the oldest)
+    assert list(encoder._cache) == [2, 1]
+    torch.testing.assert_close(again.pixel_values, PromptEncoder(processor).encode(train[1]).pixel_values)
+
+    uncached = PromptEncoder(processor, cache_bytes=0)
+    assert uncached.encode(train[0], key=0) is not uncached.encode(train[0], key=0) and uncached.cached_bytes == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="cache_bytes"):
+            PromptEncoder(processor, cache_bytes=bad)
+    with pytest.raises(ValueError, match="prompt_cache_mb"):
+        TrainerConfig(prompt_cache_mb=-1)
+
+
 @pytest.mark.parametrize("schedule", ["stages", "alternate"])
 def test_smoke_run_of_each_schedule(phantom, tmp_path, schedule):
     trainer = _train(tmp_path, phantom, schedule=schedule, dilate=1, fuse_tokens=(schedule == "alternate"),

@@ -1,20 +1,21 @@
 """Tensor batches of the trainer: encoded prompts (text + image), prompt + completion sequences, row selection.
 
-Every example is run through the processor once (:class:`PromptEncoder` caches the result), then rows are
-collated by hand: prompts are LEFT-padded (what generate() needs), completions RIGHT-padded after them, which is
+Examples are run through the processor and the results kept in a bounded cache (:class:`PromptEncoder`), then rows
+are collated by hand: prompts are LEFT-padded (what generate() needs), completions RIGHT-padded after them, which is
 also the layout TRL and verl use for the training forward.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 
 from .data import TrainingExample, build_prompt_text
 
-__all__ = ["EncodedPrompt", "PromptBatch", "SequenceBatch", "PromptEncoder", "collate_prompts", "build_sequences",
-           "concat_prompt_batches", "concat_sequence_batches"]
+__all__ = ["EncodedPrompt", "PromptBatch", "SequenceBatch", "PromptEncoder", "DEFAULT_PROMPT_CACHE_BYTES",
+           "collate_prompts", "build_sequences", "concat_prompt_batches", "concat_sequence_batches"]
 
 
 @dataclass
@@ -26,6 +27,17 @@ class EncodedPrompt:
     mm_token_type_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory of the four tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.input_ids, self.mm_token_type_ids, self.pixel_values,
+                                                           self.image_grid_thw))
+
+
+# default size of PromptEncoder's cache: every prompt of the tiny-phantom preset (~1.4 GB of 112 px scans) fits; a
+# Qwen2.5-VL prompt with a 1008 x 1008 image holds ~24 MB of float32 pixel_values, so ~85 of those do
+DEFAULT_PROMPT_CACHE_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -95,15 +107,21 @@ class PromptBatch:
 
 
 class PromptEncoder:
-    """Runs the processor once per example (prompt text + image) and caches the tensors by a key.
+    """Runs the processor on examples (prompt text + image) and caches the tensors by a key, least recently used
+    first out once the cache holds ``cache_bytes``.
 
     Args:
         processor: a Qwen2-VL / Qwen2.5-VL style processor (text + images -> input_ids with expanded image tokens,
             pixel_values, image_grid_thw).
         system_prompt: optional system message for every prompt.
+        cache_bytes: most host memory the cached tensors may take (0: no cache). A dataset of real scans does not
+            fit in memory as processed pixels, so the bound matters beyond toy sizes.
     """
 
-    def __init__(self, processor, system_prompt: str | None = None):
+    def __init__(self, processor, system_prompt: str | None = None,
+                 cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
+        if not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
         self.processor = processor
         self.system_prompt = system_prompt
         tokenizer = getattr(processor, "tokenizer", None)
@@ -111,11 +129,14 @@ class PromptEncoder:
             raise ValueError("processor.tokenizer must have a pad token (pad_token_id is None)")
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.image_token_id = _token_id(processor, "image_token", "<|image_pad|>")
-        self._cache: dict[object, EncodedPrompt] = {}
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[object, EncodedPrompt] = OrderedDict()
+        self._cached_bytes = 0
 
     def encode(self, example: TrainingExample, key: object | None = None) -> EncodedPrompt:
         """Process one example (cached under ``key`` when given)."""
         if key is not None and key in self._cache:
+            self._cache.move_to_end(key)
             return self._cache[key]
         text = build_prompt_text(self.processor, example.sample, self.system_prompt)
         out = self.processor(text=[text], images=[[example.image]], return_tensors="pt")
@@ -124,8 +145,23 @@ class PromptEncoder:
         mm = mm[0] if mm is not None else (input_ids == self.image_token_id).long()
         encoded = EncodedPrompt(input_ids, mm, out["pixel_values"], out["image_grid_thw"])
         if key is not None:
-            self._cache[key] = encoded
+            self._remember(key, encoded)
         return encoded
+
+    @property
+    def cached_bytes(self) -> int:
+        """Host memory the cached prompts take now."""
+        return self._cached_bytes
+
+    def _remember(self, key: object, encoded: EncodedPrompt) -> None:
+        size = encoded.nbytes
+        if size > self.cache_bytes:
+            return
+        while self._cached_bytes + size > self.cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= evicted.nbytes
+        self._cache[key] = encoded
+        self._cached_bytes += size
 
     def batch(self, examples: list[TrainingExample], keys: list[object] | None = None) -> PromptBatch:
         """Encode (or fetch) and left-pad a list of examples into a :class:`PromptBatch`."""

@@ -160,6 +160,8 @@ class TrainerConfig:
     top_k: int = 0
     max_new_tokens: int = 96
     generation_batch_size: int | None = None  # rows per generate() call (None: all at once)
+    # host memory for processed prompts (token ids + pixel_values) kept between steps, least recently used out first
+    prompt_cache_mb: int = 2048
 
     # token sparsity
     dilate: int = 0
@@ -220,7 +222,7 @@ class TrainerConfig:
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         _positive_int("seed", self.seed, minimum=0)
         for name in ("sft_steps", "sft_warmup_steps", "grounding_steps", "sparse_steps", "alternate_steps",
-                     "lr_warmup_steps", "eval_every", "save_every", "dilate", "top_k"):
+                     "lr_warmup_steps", "eval_every", "save_every", "dilate", "top_k", "prompt_cache_mb"):
             _positive_int(name, getattr(self, name), minimum=0)
         if not isinstance(self.dynamic_sampling, bool):
             raise ValueError(f"dynamic_sampling must be a bool, got {self.dynamic_sampling!r}")

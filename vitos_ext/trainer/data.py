@@ -1,4 +1,4 @@
-"""Training data for the trainer: validated samples with loaded images, chat prompts, SFT targets, data order.
+"""Training data for the trainer: validated samples with checked images, chat prompts, SFT targets, data order.
 
 Bad samples never crash a run. Rows are validated by :func:`vitos_ext.data.load_vitos_json` (missing image, box
 outside [0, 1], missing answer, ...) and, when the trainer gets them, once more here: an image that cannot be
@@ -34,10 +34,22 @@ _IMAGE_PLACEHOLDER = "<image>"
 
 @dataclass
 class TrainingExample:
-    """One usable training/evaluation sample: the validated :class:`Sample` and its RGB image (loaded once)."""
+    """One usable training/evaluation sample: the validated :class:`Sample` and its RGB image.
+
+    The image is decoded from ``sample.image_paths[0]`` each time :attr:`image` is read, unless ``preloaded_image``
+    holds it (``prepare_training_data(keep_images=True)``): thousands of decoded scans do not fit in host memory (a
+    2048 x 2048 radiograph is 12 MB as RGB), and the trainer's prompt cache keeps what it reuses.
+    """
 
     sample: Sample
-    image: Image.Image
+    preloaded_image: Image.Image | None = None
+
+    @property
+    def image(self) -> Image.Image:
+        """The RGB image (PIL), decoded now unless preloaded."""
+        if self.preloaded_image is not None:
+            return self.preloaded_image
+        return load_image(self.sample.image_paths[0])
 
     @property
     def gold_boxes(self) -> list[list[float]]:
@@ -63,7 +75,8 @@ def _skip(report: ValidationReport, index: int, reason: str, detail: str = "") -
     report.skipped.append(SkippedRow(index, reason, detail))
 
 
-def _load_examples(samples: Iterable[Sample], report: ValidationReport, require_boxes: bool) -> list[TrainingExample]:
+def _load_examples(samples: Iterable[Sample], report: ValidationReport, require_boxes: bool,
+                   keep_images: bool) -> list[TrainingExample]:
     examples = []
     for sample in samples:
         if not sample.answer or not str(sample.answer).strip():
@@ -76,12 +89,12 @@ def _load_examples(samples: Iterable[Sample], report: ValidationReport, require_
             _skip(report, sample.index, "unsupported image count",
                   f"{len(sample.image_paths)} images; the trainer uses one image per question")
             continue
-        try:
+        try:  # decoded once here so that an unreadable image is reported now, not in the middle of a run
             image = load_image(sample.image_paths[0])
         except (OSError, ValueError, ImportError) as error:
             _skip(report, sample.index, "unreadable image", f"{sample.image_paths[0]}: {error}")
             continue
-        examples.append(TrainingExample(sample, image))
+        examples.append(TrainingExample(sample, image if keep_images else None))
     return examples
 
 
@@ -89,6 +102,7 @@ def prepare_training_data(
     source: str | os.PathLike | Sequence[dict] | Sequence[Sample],
     image_root: str | os.PathLike | None = None,
     require_boxes: bool = True,
+    keep_images: bool = False,
 ) -> TrainingData:
     """Load and validate training (or held-out) data; bad rows are reported and skipped, never raised.
 
@@ -98,6 +112,8 @@ def prepare_training_data(
         image_root: folder relative image paths resolve against (default: the JSON's folder, or the working
             directory for row dicts).
         require_boxes: skip rows without gold boxes (training needs them; evaluation of accuracy alone does not).
+        keep_images: hold every decoded image in memory; by default each image is decoded once here (to report
+            unreadable ones) and again when the trainer encodes its prompt.
 
     Returns:
         :class:`TrainingData`; ``report`` lists every skipped row with its reason ("missing image",
@@ -120,7 +136,7 @@ def prepare_training_data(
             except ValueError as error:
                 reason, _, detail = str(error).partition(": ")
                 _skip(report, index, reason, detail)
-    examples = _load_examples(samples, report, require_boxes)
+    examples = _load_examples(samples, report, require_boxes, keep_images)
     return TrainingData(examples, report)
 
 

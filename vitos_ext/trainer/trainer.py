@@ -155,7 +155,7 @@ class DualStreamGRPOTrainer:
         self._separate_sft_data = sft_data is not None
         from .batching import PromptEncoder  # local import keeps the module graph flat
 
-        self.encoder = PromptEncoder(processor, system_prompt)
+        self.encoder = PromptEncoder(processor, system_prompt, cache_bytes=config.prompt_cache_mb * 2**20)
         self.tokenizer = processor.tokenizer
         self.device = next(model.parameters()).device
         self.patch_size, self.merge_size = vision_geometry(model)
