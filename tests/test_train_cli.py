@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +88,30 @@ def test_data_parallel_strategy_reaches_the_trainer(checkpoint, tmp_path, monkey
                        "--device", "cpu", *flag, *TINY_RUN, "--set", "sparse_steps=0", "--set",
                        "grounding_steps=0"]) == 0
     assert [config.strategy for config in seen] == [strategy]
+
+
+@pytest.mark.parametrize("flag, strategy", [([], "ddp"), (["--fsdp"], "fsdp2")])
+def test_the_command_under_torchrun_trains_on_two_processes(checkpoint, tmp_path, flag, strategy):
+    """What a multi-GPU user types, on two CPU processes (gloo): `torchrun -m vitos_ext.cli train --model ...`."""
+    folder, train = checkpoint
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "vitos_ext.cli", "train", "--model", str(folder), "--train-file",
+               str(train), "--output-dir", str(tmp_path), "--device", "cpu", *flag, *TINY_RUN]
+    launched = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    output = launched.stdout + launched.stderr
+    assert launched.returncode == 0, output[-6000:]
+    for rank in (0, 1):
+        assert f"data parallel: rank {rank} of 2 ({strategy}, gloo backend)" in output
+    before, after = _weights(folder), _weights(tmp_path / "final")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records] == [1, 2, 3]  # rank 0 alone logs: SFT, stage 1, stage 2
 
 
 def test_tiny_model_spec_and_bfloat16_weights_train(checkpoint, tmp_path, caplog):
