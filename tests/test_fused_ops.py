@@ -333,6 +333,8 @@ def test_language_model_rotary_runs_fused_and_leaves_other_instances_alone(famil
 
 def test_rotary_rebinding_keeps_decorators_and_skips_forwards_without_the_helper():
     import functools
+    import importlib
+    import sys
 
     from vitos_ext.models.fused_layers import fused_rotary_attention_forward
 
@@ -360,6 +362,11 @@ def test_rotary_rebinding_keeps_decorators_and_skips_forwards_without_the_helper
     assert isinstance(helper(y, y, table, table)[0], torch.Tensor)  # the default call runs the fused op
     assert fused_rotary_attention_forward(with_helper, "on") is rebound  # one function per class and mode
     assert namespace["forward"].__globals__["apply_rotary_pos_emb"] is namespace["apply_rotary_pos_emb"]
+    # torch.compile finds (and guards) an inlined function's globals as sys.modules[globals["__name__"]]: the rebound
+    # namespace must be that module's own, not claim the original module's name (torch 2.11 failed to compile)
+    rebound_globals = rebound.__wrapped__.__globals__
+    assert sys.modules[rebound_globals["__name__"]].__dict__ is rebound_globals
+    assert importlib.import_module(rebound_globals["__name__"]).apply_rotary_pos_emb is helper
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
