@@ -27,8 +27,8 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 class _RecordingRun:
-    def __init__(self, calls: list, **init_kwargs):
-        self.calls, self.init_kwargs = calls, init_kwargs
+    def __init__(self, calls: list):
+        self.calls = calls
 
     def define_metric(self, name, step_metric=None):
         self.calls.append(("define_metric", name, step_metric))
@@ -49,7 +49,7 @@ def fake_wandb(monkeypatch):
 
     def init(**kwargs):
         calls.append(("init", kwargs))
-        return _RecordingRun(calls, **kwargs)
+        return _RecordingRun(calls)
 
     module.init = init
     monkeypatch.setitem(sys.modules, "wandb", module)
@@ -133,6 +133,15 @@ def test_wandb_sink_keeps_one_run_across_resumes(fake_wandb, tmp_path, monkeypat
                               ("log", {"grounding/loss": 0.25, "global_step": 3}), ("finish",)]
     WandbSink(tmp_path, "seed-0", config)  # the resumed run continues the same W&B run
     assert fake_wandb[-3][1]["id"] == run_id
+
+
+def test_wandb_sink_reopens_its_run_for_records_after_close(fake_wandb, tmp_path):
+    sink = WandbSink(tmp_path, "seed-0", {})
+    sink.close()  # what train() does at its end
+    sink.log({"global_step": 9, "eval/accuracy_full": 0.5}, 9)  # e.g. trainer.evaluate() afterwards
+    inits = [call[1] for call in fake_wandb if call[0] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[1]["resume"] == "allow"
+    assert fake_wandb[-1] == ("log", {"eval/accuracy_full": 0.5, "global_step": 9})
 
 
 def test_metrics_logger_feeds_every_sink_the_records_of_the_jsonl_log(tmp_path):

@@ -12,6 +12,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .config import REPORT_TARGETS
+
 __all__ = ["MetricsLogger", "TensorBoardSink", "WandbSink", "make_sinks", "read_metrics", "plot_curves",
            "DEFAULT_PANELS"]
 
@@ -118,7 +120,8 @@ class TensorBoardSink:
 class WandbSink:
     """The scalars of every record in a Weights & Biases run, against a ``global_step`` axis.
 
-    The run id is kept in ``<output_dir>/wandb_run_id``, so a resumed training continues the same run. W&B cannot
+    The run id is kept in ``<output_dir>/wandb_run_id``, so a resumed training continues the same run, as does a
+    record logged after :meth:`close` (e.g. ``trainer.evaluate()`` after ``train()``). W&B cannot
     delete history: steps a resumed run repeats appear twice there (metrics.jsonl and TensorBoard keep one copy).
     The project is ``$WANDB_PROJECT`` or "vitos-ext"; entity, mode (e.g. ``WANDB_MODE=offline``) and credentials come
     from wandb's own environment variables.
@@ -132,13 +135,21 @@ class WandbSink:
         output_dir = Path(output_dir)
         id_file = output_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vitos-ext"), name=run_name, id=run_id,
-                              resume="allow", dir=str(output_dir), config=config)
+        self._init_kwargs = dict(project=os.environ.get("WANDB_PROJECT", "vitos-ext"), name=run_name, id=run_id,
+                                 resume="allow", dir=str(output_dir), config=config)
+        self._wandb = wandb
+        self.run = None
+        self._open()
         id_file.write_text(run_id + "\n")
+
+    def _open(self) -> None:
+        self.run = self._wandb.init(**self._init_kwargs)
         self.run.define_metric("global_step")
         self.run.define_metric("*", step_metric="global_step")
 
     def log(self, record: dict[str, Any], step: int) -> None:
+        if self.run is None:
+            self._open()
         self.run.log({**_scalars(record), "global_step": step})
 
     def truncate_after(self, global_step: int) -> None:
@@ -169,7 +180,7 @@ def make_sinks(report_to: tuple[str, ...] | list[str], output_dir: str | os.Path
         elif name == "wandb":
             sinks.append(WandbSink(output_dir, run_name, config or {}))
         else:
-            raise ValueError(f"report_to: unknown tracker {name!r}; known: tensorboard, wandb")
+            raise ValueError(f"report_to: unknown tracker {name!r}; known: {', '.join(REPORT_TARGETS)}")
     return sinks
 
 
