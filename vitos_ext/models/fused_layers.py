@@ -15,6 +15,7 @@ Only classes whose forward was checked to compute exactly the formula of the fus
 from __future__ import annotations
 
 import inspect
+import itertools
 import sys
 import types
 from typing import Any, Callable, Iterator
@@ -131,21 +132,21 @@ def _copy_function(func: Callable, namespace: dict, closure: tuple | None) -> Ca
     return copy
 
 
+_REBOUND_MODULE_IDS = itertools.count()
+
+
 def _namespace_with(globals_: dict, name: str, value: Any) -> dict:
     """A copy of a module namespace with global `name` bound to `value`, kept as the namespace of a module of its own
     in sys.modules: torch.compile reaches an inlined function's globals through sys.modules[globals["__name__"]]
     (its guards too), so a copy that kept the original module's name would be guarded against the original module
     (on torch 2.11 that fails the compile outright)."""
-    alias = f"_vitos_rebound_{len(_REBOUND_MODULES)}_" + str(globals_.get("__name__", "module")).replace(".", "_")
+    alias = f"_vitos_rebound_{next(_REBOUND_MODULE_IDS)}_" + str(globals_.get("__name__", "module")).replace(".", "_")
     module = types.ModuleType(alias)
     module.__dict__.update(globals_)
     module.__dict__.update({"__name__": alias, name: value})
     module.__spec__ = None  # not importable from a file: sys.modules is where it lives
-    sys.modules[alias] = _REBOUND_MODULES[alias] = module
+    sys.modules[alias] = module
     return module.__dict__
-
-
-_REBOUND_MODULES: dict[str, types.ModuleType] = {}
 
 
 def _with_global(func: Callable, name: str, value: Any) -> Callable | None:
